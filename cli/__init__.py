@@ -1,0 +1,1 @@
+"""The click front end (installed as ``smapq_cli``): options in, engine calls, one-line errors."""

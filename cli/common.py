@@ -1,0 +1,41 @@
+"""What every command shares: the table option, loading settings, opening the queue."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import click
+from sqlalchemy import Engine
+
+from smapq.config.netperm import table_path
+from smapq.config.settings import Config, load
+from smapq.store.engine import make_engine
+
+
+class State:
+    """Per-invocation state carried on the click context."""
+
+    def __init__(self, table: str | None) -> None:
+        self.table = table_path(table)
+        self._config: Config | None = None
+
+    @property
+    def config(self) -> Config:
+        if self._config is None:
+            self._config = load(self.table)
+        return self._config
+
+    def engine(self, readonly: bool = False) -> Engine:
+        """The queue database as seen from outside the jail."""
+        smap = self.config.smap
+        return make_engine(
+            smap.database if smap.database_is_url else smap.database_path, readonly=readonly
+        )
+
+
+pass_state = click.make_pass_decorator(State)
+
+
+def echo_lines(lines: list[str], **kwargs: Any) -> None:
+    for line in lines:
+        click.echo(line, **kwargs)

@@ -1,0 +1,74 @@
+"""``smapq``: the command line. Parses options, calls the engine, reports errors in one line.
+
+Every ``SmapqError`` becomes ``smapq: <message>`` on stderr and the error's exit code
+(78 for a bad netperm-table); a click usage error becomes one line and exit 64.
+Bugs are not swallowed: anything else is a traceback and exit 70.
+"""
+
+from __future__ import annotations
+
+import sys
+
+import click
+
+from smapq import __version__
+from smapq.errors import EX_SOFTWARE, EX_USAGE, SmapqError
+
+from .admin import check_config_cmd, db_group, init_cmd
+from .common import State
+
+
+@click.group(context_settings={"help_option_names": ["-h", "--help"]})
+@click.option(
+    "-t",
+    "--table",
+    metavar="PATH",
+    envvar="SMAPQ_TABLE",
+    help="netperm-table to read [env SMAPQ_TABLE; default /usr/local/etc/netperm-table]",
+)
+@click.version_option(__version__, prog_name="smapq")
+@click.pass_context
+def cli(ctx: click.Context, table: str | None) -> None:
+    """smapq: the FWTK smap/smapd sendmail wrapper with a database as the spool."""
+    ctx.obj = State(table)
+
+
+cli.add_command(init_cmd)
+cli.add_command(check_config_cmd)
+cli.add_command(db_group)
+
+
+def run(args: list[str] | None = None, prog: str = "smapq") -> int:
+    """Run the CLI and return its exit code instead of raising SystemExit."""
+    try:
+        cli.main(args=args, prog_name=prog, standalone_mode=False)
+    except click.exceptions.Abort:
+        click.echo(f"{prog}: aborted", err=True)
+        return 1
+    except click.ClickException as exc:
+        click.echo(f"{prog}: {exc.format_message()}", err=True)
+        return EX_USAGE if isinstance(exc, click.UsageError) else exc.exit_code
+    except click.exceptions.Exit as exc:
+        return int(exc.exit_code)
+    except SmapqError as exc:
+        click.echo(f"{prog}: {exc}", err=True)
+        return exc.exit_code
+    except KeyboardInterrupt:
+        return 130
+    except BrokenPipeError:
+        return 0
+    except Exception:
+        import traceback  # noqa: PLC0415
+
+        traceback.print_exc()
+        return EX_SOFTWARE
+    return 0
+
+
+def main() -> None:
+    sys.exit(run())
+
+
+def smapd_main() -> None:
+    """``smapd``: the FWTK name for ``smapq deliver --daemon``."""
+    sys.exit(run(["deliver", "--daemon", *sys.argv[1:]], prog="smapd"))

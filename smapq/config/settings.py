@@ -1,0 +1,187 @@
+"""Resolved settings for smap and smapd, built from the netperm-table and the key table.
+
+Purpose: ``load(path)`` reads the table once and returns ``Config`` with ``.smap`` and
+``.smapd``, every keyword of the key table set (from its first rule or its default),
+and where each value came from (for ``smapq check-config``).
+
+Security: smap refuses uid/gid 0; the table's mode and owner are checked by netperm.py.
+Lines for other FWTK programs are ignored; a line naming smap or smapd with a keyword
+neither knows is an error, so a typo never silently falls back to a default.
+
+Lean: imported by the inetd receiver; stdlib only.
+"""
+
+from __future__ import annotations
+
+import os
+import pwd
+
+from smapq.config import keys as K
+from smapq.config.netperm import Rule, first_rule, parse_lines, read_rules, rules_for
+from smapq.errors import ConfigError
+
+TYPE_CHECKING = False
+if TYPE_CHECKING:
+    from collections.abc import Iterable
+
+
+class Settings:
+    """Every keyword of one program; attribute names are the keywords."""
+
+    program = ""
+    # Typed attributes shared by smap and smapd.
+    userid: int | None
+    groupid: int | None
+    directory: str
+    database: str
+
+    def __init__(self, rules: Iterable[Rule]) -> None:
+        self.origin: dict[str, str] = {}
+        chosen = first_rule(rules)
+        for key in K.keys_for(self.program):
+            rule = chosen.get(key.name)
+            if rule is None:
+                value = key.default
+                self.origin[key.name] = "default"
+            else:
+                value = key.parse(rule)
+                self.origin[key.name] = f"{rule.path}:{rule.line}"
+            setattr(self, key.attr, value)
+        if self.groupid is None and self.userid is not None:
+            self.groupid = _primary_gid(self.userid)
+
+    @property
+    def database_is_url(self) -> bool:
+        return "://" in self.database
+
+    @property
+    def database_path(self) -> str:
+        """The DB file as seen from outside the jail (admin tools, smapd)."""
+        return os.path.join(self.directory, self.database.lstrip("/"))
+
+    def items(self) -> list[tuple[str, object, str]]:
+        """(keyword, value, origin) for every keyword, in key-table order."""
+        return [
+            (k.name, getattr(self, k.attr), self.origin[k.name]) for k in K.keys_for(self.program)
+        ]
+
+
+class SmapSettings(Settings):
+    """The receiver's settings."""
+
+    program = K.SMAP
+    timeout: int
+    maxbytes: int
+    maxrecip: int
+    hostname: str | None
+    jail: bool
+    maxerrors: int
+
+    def __init__(self, rules: Iterable[Rule]) -> None:
+        super().__init__(rules)
+        for name in ("userid", "groupid"):
+            if getattr(self, name) == 0:
+                raise ConfigError(
+                    "smap must not run as root (uid/gid 0)", self.origin[name], 0, name
+                )
+
+    @property
+    def database_in_jail(self) -> str:
+        """The DB file as the receiver opens it: inside the chroot when jailed."""
+        if self.jail:
+            return "/" + self.database.lstrip("/")
+        return self.database_path
+
+
+class SmapdSettings(Settings):
+    """The deliverer's settings."""
+
+    program = K.SMAPD
+    sendmail: str
+    baddir: str | None
+    wakeup: int
+    maxchildren: int
+    executable: str | None
+    lease: int
+    minbackoff: int
+    maxbackoff: int
+    maxqueuetime: int
+    sendmailtimeout: int
+    maxrcptbatch: int
+    retrycodes: frozenset[int]
+    outputmax: int
+
+
+class Config:
+    """The table as both programs see it."""
+
+    __slots__ = ("path", "smap", "smapd")
+
+    def __init__(self, path: str, smap: SmapSettings, smapd: SmapdSettings) -> None:
+        self.path = path
+        self.smap = smap
+        self.smapd = smapd
+
+    def warnings(self) -> list[str]:
+        """Settings that are legal but probably not what the operator meant."""
+        out = []
+        if self.smap.database_path != self.smapd.database_path:
+            out.append(
+                f"smap queues into {self.smap.database_path} but smapd reads "
+                f"{self.smapd.database_path}"
+            )
+        if self.smap.userid != self.smapd.userid:
+            out.append(
+                "smap and smapd run as different users: smapd must be able to write "
+                "the queue database and its directory"
+            )
+        if not self.smap.jail:
+            out.append("smap: jail off -- the receiver will not chroot")
+        return out
+
+
+def _primary_gid(uid: int) -> int | None:
+    try:
+        return pwd.getpwuid(uid).pw_gid
+    except KeyError:
+        return None
+
+
+def check_keywords(rules: Iterable[Rule]) -> None:
+    """Refuse keywords neither smap nor smapd knows on lines that name them explicitly.
+
+    ``*`` lines are shared with every FWTK program, so their foreign keywords
+    (authserver, ...) are someone else's business and pass unchecked.
+    """
+    for rule in rules:
+        named = [p for p in rule.programs if p in K.PROGRAMS]
+        if not named:
+            continue
+        key = K.BY_NAME.get(rule.keyword)
+        if key is None:
+            raise rule.error(f"unknown keyword for {', '.join(named)}")
+        if not set(named) & set(key.programs):
+            raise rule.error(f"not a keyword of {', '.join(named)}")
+
+
+def _settings_rules(rules: list[Rule], program: str) -> list[Rule]:
+    # A '*' rule with a keyword this program does not know belongs to another program.
+    known = {k.name for k in K.keys_for(program)}
+    return [r for r in rules_for(rules, program) if r.keyword in known]
+
+
+def from_rules(path: str, rules: list[Rule]) -> Config:
+    check_keywords(rules)
+    smap = SmapSettings(_settings_rules(rules, K.SMAP))
+    smapd = SmapdSettings(_settings_rules(rules, K.SMAPD))
+    return Config(path, smap, smapd)
+
+
+def load(path: str) -> Config:
+    """Read and check the table at ``path``; raises ``ConfigError`` naming file:line."""
+    return from_rules(path, read_rules(path))
+
+
+def loads(text: str, path: str = "<string>") -> Config:
+    """Like ``load`` for table text (tests, ``check-config -``); no mode check."""
+    return from_rules(path, list(parse_lines(text.splitlines(), path)))

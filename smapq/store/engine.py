@@ -1,0 +1,66 @@
+"""SQLAlchemy engines for the queue database, with the pragmas durability needs.
+
+Purpose: one place that knows how to open the queue. SQLite gets WAL,
+``synchronous=FULL`` (a WAL commit with NORMAL may roll back after power loss, which
+would break the promise behind ``250``), a busy timeout, foreign keys, and
+``BEGIN IMMEDIATE`` for writers so a claim takes the write lock before it reads (the
+huey #123 race). Read-only engines open the file with ``mode=ro`` and
+``query_only`` so reports cannot write even by accident.
+
+A SQLAlchemy URL (``database postgresql+psycopg://...``) is passed through unchanged,
+so the PostgreSQL backend drops in without touching callers.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from sqlalchemy import Engine, create_engine, event
+from sqlalchemy.pool import NullPool
+
+BUSY_TIMEOUT_MS = 5000
+
+
+def sqlite_url(path: str, readonly: bool = False) -> str:
+    if readonly:
+        return f"sqlite:///file:{path}?mode=ro&uri=true"
+    return f"sqlite:///{path}"
+
+
+def url_for(database: str, readonly: bool = False) -> str:
+    """``database`` is a SQLAlchemy URL or a file path."""
+    if "://" in database:
+        return database
+    return sqlite_url(database, readonly)
+
+
+def make_engine(database: str, readonly: bool = False, busy_ms: int = BUSY_TIMEOUT_MS) -> Engine:
+    """An engine for ``database`` (path or URL); see the module docstring for pragmas."""
+    url = url_for(database, readonly)
+    if not url.startswith("sqlite"):
+        return create_engine(url, pool_pre_ping=True)
+    # NullPool: these are short-lived CLI processes and forking deliverers; a pooled
+    # SQLite connection must never cross a fork.
+    engine = create_engine(url, poolclass=NullPool)
+    _sqlite_pragmas(engine, readonly, busy_ms)
+    return engine
+
+
+def _sqlite_pragmas(engine: Engine, readonly: bool, busy_ms: int) -> None:
+    @event.listens_for(engine, "connect")
+    def _on_connect(dbapi_conn: Any, _record: Any) -> None:
+        # Take transaction control away from the pysqlite driver: we emit BEGIN ourselves.
+        dbapi_conn.isolation_level = None
+        cur = dbapi_conn.cursor()
+        cur.execute(f"PRAGMA busy_timeout = {int(busy_ms)}")
+        if readonly:
+            cur.execute("PRAGMA query_only = ON")
+        else:
+            cur.execute("PRAGMA journal_mode = WAL")
+            cur.execute("PRAGMA synchronous = FULL")
+            cur.execute("PRAGMA foreign_keys = ON")
+        cur.close()
+
+    @event.listens_for(engine, "begin")
+    def _on_begin(conn: Any) -> None:
+        conn.exec_driver_sql("BEGIN" if readonly else "BEGIN IMMEDIATE")
