@@ -15,10 +15,10 @@ from .common import State, echo_lines, pass_state
 def init_cmd(state: State) -> None:
     """Create the spool, baddir and the migrated queue database (idempotent)."""
     config = state.config
-    for warning in config.warnings():
-        click.echo(f"smapq: warning: {warning}", err=True)
     done = spool.init(config)
     echo_lines(done or [f"{config.smap.directory}: spool is ready, nothing to change"])
+    for warning in config.warnings():
+        click.echo(f"smapq: warning: {warning}", err=True)
 
 
 def _show(value: object) -> str:

@@ -41,10 +41,16 @@ class Spool:
         self.baddir = root / "bad"
         self.db = self.directory / "smapq.db"
 
-    def smapq(self, *args: str, check: bool = True, **kw: object) -> subprocess.CompletedProcess[str]:
+    def smapq(
+        self, *args: str, check: bool = True, **kw: object
+    ) -> subprocess.CompletedProcess[str]:
         return subprocess.run(
             [program("smapq"), "-t", str(self.table), *args],
-            capture_output=True, text=True, check=check, timeout=120, **kw,  # type: ignore[call-overload]
+            capture_output=True,
+            text=True,
+            check=check,
+            timeout=120,
+            **kw,  # type: ignore[call-overload]
         )
 
 

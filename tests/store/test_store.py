@@ -1,0 +1,110 @@
+"""The store API on a real SQLite file: pragmas, one-transaction insert, queue ids."""
+
+from __future__ import annotations
+
+import sqlite3
+from pathlib import Path
+
+import pytest
+from sqlalchemy import Engine, text
+from sqlalchemy.exc import IntegrityError
+
+from smapq.store import migrate, queries, states
+from smapq.store.engine import make_engine
+from smapq.store.ids import QUEUE_ID_LEN, new_queue_id
+
+
+@pytest.fixture
+def engine(tmp_path: Path) -> Engine:
+    e = make_engine(str(tmp_path / "q.db"))
+    migrate.upgrade(e)
+    return e
+
+
+def _message(queue_id: str | None = None) -> dict[str, object]:
+    return {
+        "queue_id": queue_id or new_queue_id(),
+        "protocol": "ESMTP",
+        "mail_from": "a@example.org",
+        "size": 4,
+        "trace": "Received: from x\r\n",
+        "body": b"hi\r\n",
+        "body_sha256": "0" * 64,
+        "client_addr": "192.0.2.1",
+    }
+
+
+def test_writer_pragmas_are_durable(engine: Engine) -> None:
+    with engine.connect() as conn:
+        assert conn.exec_driver_sql("PRAGMA journal_mode").scalar() == "wal"
+        assert conn.exec_driver_sql("PRAGMA synchronous").scalar() == 2  # FULL
+        assert conn.exec_driver_sql("PRAGMA foreign_keys").scalar() == 1
+        assert conn.exec_driver_sql("PRAGMA busy_timeout").scalar() == 5000
+
+
+def test_insert_message_with_recipients_and_events(engine: Engine) -> None:
+    msg = _message()
+    with engine.begin() as conn:
+        mid = queries.insert_message(
+            conn,
+            msg,
+            ["b@example.org", "c@example.org"],
+            [{"kind": "accept", "queue_id": msg["queue_id"], "code": 250}],
+        )
+    with engine.connect() as conn:
+        row = queries.message_by_queue_id(conn, str(msg["queue_id"]))
+        assert row is not None and row.id == mid
+        assert row.state == states.RECEIVED and row.attempts == 0
+        assert row.next_attempt_at == row.received_at
+        assert [r.address for r in queries.recipients_of(conn, mid)] == [
+            "b@example.org",
+            "c@example.org",
+        ]
+        assert [e.kind for e in queries.events_of(conn, str(msg["queue_id"]))] == ["accept"]
+        assert queries.count_by_state(conn) == {"received": 1}
+
+
+def test_failed_transaction_leaves_nothing(engine: Engine) -> None:
+    msg = _message("DUPLICATEID00000")
+    with engine.begin() as conn:
+        queries.insert_message(conn, msg, ["b@example.org"])
+    with pytest.raises(IntegrityError), engine.begin() as conn:
+        queries.insert_message(conn, _message("FRESHID000000000"), ["x@example.org"])
+        queries.insert_message(conn, msg, ["y@example.org"])
+    with engine.connect() as conn:
+        assert conn.execute(text("SELECT count(*) FROM recipients")).scalar() == 1
+        assert queries.message_by_queue_id(conn, "FRESHID000000000") is None
+
+
+def test_state_check_constraint(engine: Engine) -> None:
+    with pytest.raises(IntegrityError), engine.begin() as conn:
+        queries.insert_message(conn, {**_message(), "state": "lost"}, [])
+
+
+def test_recipients_cascade_with_their_message(engine: Engine) -> None:
+    with engine.begin() as conn:
+        mid = queries.insert_message(conn, _message(), ["b@example.org"])
+        conn.execute(text("DELETE FROM messages WHERE id = :id"), {"id": mid})
+        assert conn.execute(text("SELECT count(*) FROM recipients")).scalar() == 0
+
+
+def test_readonly_engine_cannot_write(engine: Engine, tmp_path: Path) -> None:
+    ro = make_engine(str(tmp_path / "q.db"), readonly=True)
+    with pytest.raises(Exception, match=r"readonly|read-only|attempt to write"):
+        with ro.begin() as conn:
+            conn.execute(text("DELETE FROM events"))
+
+
+def test_writers_take_the_lock_at_begin(engine: Engine, tmp_path: Path) -> None:
+    with engine.begin():
+        other = sqlite3.connect(str(tmp_path / "q.db"), timeout=0.05)
+        with pytest.raises(sqlite3.OperationalError, match="locked"):
+            other.execute("BEGIN IMMEDIATE")
+        other.close()
+
+
+def test_queue_ids_are_unique_and_sort_by_time() -> None:
+    ids = [new_queue_id(1_700_000_000 + i / 1000) for i in range(2000)]
+    assert len(set(ids)) == len(ids)
+    assert ids == sorted(ids)
+    assert all(len(i) == QUEUE_ID_LEN and i.isalnum() for i in ids)
