@@ -1,0 +1,1 @@
+"""Sans-I/O SMTP server protocol (imports nothing: the receiver pays per connection)."""

@@ -1,0 +1,550 @@
+"""The SMTP server state machine, without I/O.
+
+Purpose: one flat ``Session`` per connection.  The driver (the inetd receiver, later
+a listener) calls ``greeting()``, then ``feed(bytes)`` with whatever arrived and
+writes the returned reply bytes.  Verbs dispatch by method name (``smtp_MAIL``).
+There is one receive buffer per session and no coroutine per command.
+
+Storage is not done here.  When ``<CRLF>.<CRLF>`` ends a message the session sets
+``pending`` to an ``Envelope`` and stops reading its buffer; the driver stores the
+envelope and calls ``stored(queue_id)`` (-> 250) or ``store_failed(reply, reason)``
+(-> 451/452), which return the reply plus the replies to any commands the client
+pipelined behind the dot.  So 250 is only ever said after the driver's COMMIT, and
+an error later in the session cannot touch an accepted message: the session holds
+no reference to it any more.
+
+The session appends audit events to ``events`` as tuples (kind, detail, address,
+code): kinds are connect, helo, mail, rcpt, reject (detail = reason), accept
+(detail = queue id), vrfy, expn, timeout, disconnect.  Client text in events is
+cut to LOG_TEXT_MAX octets and control characters are shown as ``?``.  The driver
+drains the list (``events.clear()`` after reading).
+
+DATA: end of data is ONLY ``<CRLF>.<CRLF>`` (RFC 5321 4.1.1.4).  Bare-newline
+policy (SMTP smuggling, CVE-2023-51764/5/6): a bare LF or bare CR never ends the
+message; a message containing either is refused with R550_BARE_NEWLINE after the
+real end of data, like Postfix ``smtpd_forbid_bare_newline = reject``.  RFC 5321
+2.3.8 forbids them in SMTP data (8BITMIME included; BINARYMIME is not offered).
+Dot-unstuffing is byte-exact: the first character of a line that starts with
+``.`` is removed (RFC 5321 4.5.2), nothing else changes; the body is stored as
+received, CRLF line ends included.  Every DATA refusal (size, line length, bare
+newline) is sent only after the final dot, so the rest of a refused body is never
+read as commands.  ``maxbytes`` counts the unstuffed body octets, CRLFs included.
+
+Limits: command lines over 512 octets and text lines over 1000 octets get 500
+5.5.2; the session reads to the end of the line (or of the data) first, keeping
+at most a few octets of an overlong command and at most about 4/3 * maxbytes of a
+body.  ``maxbytes`` < 0 and ``maxrecip`` < 0 mean unlimited (smap's defaults).
+
+Security: the session trusts nothing it is fed; it never raises on input (a
+hypothesis test feeds it arbitrary bytes).  Addresses are checked by
+smapq.smtp.address.
+
+Standards: RFC 5321, RFC 1869/5321 EHLO, RFC 1870 SIZE, RFC 6152 8BITMIME,
+RFC 2920 PIPELINING, RFC 2034 ENHANCEDSTATUSCODES, RFC 6531 SMTPUTF8.
+
+Lean: stdlib only, no re/dataclasses/enum/typing at run time (HACKING.md).
+"""
+
+from __future__ import annotations
+
+from smapq.smtp import address, limits
+from smapq.smtp import replies as R
+
+TYPE_CHECKING = False
+if TYPE_CHECKING:
+    from collections.abc import Callable
+
+    Event = tuple[str, str, str, int]
+
+# Session states.
+_CMD = 0  # reading command lines
+_SKIP = 1  # discarding the rest of an overlong command line
+_DATA = 2  # reading message data, keeping it
+_DISCARD = 3  # reading message data to the final dot, refusal already decided
+_PENDING = 4  # a message waits for the driver's storage outcome
+_CLOSED = 5
+
+_DOT_END = b"\r\n.\r\n"
+_DATA_REASONS = {
+    R.R552_TOO_BIG: "message over maxbytes",
+    R.R550_BARE_NEWLINE: "bare CR or LF in message data",
+    R.R500_DATA_LINE_TOO_LONG: "message line too long",
+}
+_SHOW = bytes(b if 0x20 <= b != 0x7F else 0x3F for b in range(256))
+
+
+def show(data: bytes) -> str:
+    """Client text made safe for logs: cut, controls as ``?``, bad UTF-8 escaped."""
+    return data[: limits.LOG_TEXT_MAX].translate(_SHOW).decode("utf-8", "backslashreplace")
+
+
+class Envelope:
+    """A complete message the driver must store before the client hears 250."""
+
+    __slots__ = ("body", "helo", "params", "protocol", "recipients", "sender", "size")
+
+    def __init__(
+        self,
+        sender: str,
+        recipients: list[str],
+        body: bytes,
+        helo: str,
+        protocol: str,
+        params: dict[str, str],
+    ) -> None:
+        self.sender = sender  # "" for the null reverse-path <>
+        self.recipients = recipients
+        self.body = body  # unstuffed, CRLF line ends, byte-exact
+        self.helo = helo  # "" when the client never said HELO/EHLO
+        self.protocol = protocol  # "ESMTP" or "SMTP"
+        self.params = params  # MAIL parameters, e.g. {"BODY": "8BITMIME"}
+        self.size = len(body)
+
+
+class Session:
+    """One SMTP server session; see the module docstring for the contract."""
+
+    __slots__ = (
+        "_buf",
+        "_data_reply",
+        "_errors",
+        "_esmtp",
+        "_helo",
+        "_junk_count",
+        "_line_start",
+        "_out",
+        "_params",
+        "_pos",
+        "_rcpts",
+        "_scan",
+        "_sender",
+        "_state",
+        "error_limit",
+        "events",
+        "hostname",
+        "max_bytes",
+        "max_recipients",
+        "pending",
+    )
+
+    def __init__(
+        self,
+        hostname: str,
+        max_bytes: int = -1,
+        max_recipients: int = -1,
+        error_limit: int = limits.ERROR_LIMIT,
+    ) -> None:
+        self.hostname = hostname.encode("ascii", "replace")
+        self.max_bytes = max_bytes
+        self.max_recipients = max_recipients
+        self.error_limit = error_limit
+        self.events: list[Event] = []
+        self.pending: Envelope | None = None
+        self._buf = bytearray()
+        self._pos = 0
+        self._state = _CMD
+        self._scan = 0
+        self._line_start = 0
+        self._data_reply = b""
+        self._errors = 0
+        self._junk_count = 0
+        self._esmtp = False
+        self._helo = ""
+        self._sender: str | None = None
+        self._rcpts: list[str] = []
+        self._params: dict[str, str] = {}
+        self._out: list[bytes] = []
+
+    # --- driver interface ---
+    @property
+    def closed(self) -> bool:
+        """True once the session said 221 or 421; the driver closes the connection."""
+        return self._state == _CLOSED
+
+    @property
+    def in_data(self) -> bool:
+        """True while message data is being read (drivers may use a longer timeout)."""
+        return self._state in (_DATA, _DISCARD)
+
+    def greeting(self) -> bytes:
+        """The 220 banner; call once, before the first ``feed``."""
+        self.events.append(("connect", "", "", 220))
+        return R.R220_BANNER % self.hostname
+
+    def feed(self, data: bytes) -> bytes:
+        """Take received bytes, return the replies to send (possibly b"")."""
+        if self._state >= _PENDING:
+            if self._state == _PENDING:
+                self._buf += data
+            return b""
+        self._buf += data
+        return self._run()
+
+    def stored(self, queue_id: str) -> bytes:
+        """The pending message is committed: reply 250 and go on with the input."""
+        env = self._take_pending()
+        self.events.append(("accept", queue_id, env.sender, 250))
+        self._out = [self._r(R.R250_ACCEPTED % queue_id.encode("ascii", "replace"))]
+        return self._run(keep_out=True)
+
+    def store_failed(self, reply: bytes, reason: str) -> bytes:
+        """The pending message could not be stored: send ``reply`` (4xx) instead."""
+        env = self._take_pending()
+        self.events.append(("reject", reason, env.sender, int(reply[:3])))
+        self._out = [self._r(reply)]
+        return self._run(keep_out=True)
+
+    def timeout(self) -> bytes:
+        """The driver's idle timer fired: 421 4.4.2 and close."""
+        if self._state == _CLOSED:
+            return b""
+        self.events.append(("timeout", "in DATA" if self.in_data else "", "", 421))
+        self._close("timeout")
+        return self._r(R.R421_TIMEOUT % self.hostname)
+
+    def eof(self) -> None:
+        """The client went away (or the driver gives up on it)."""
+        if self._state != _CLOSED:
+            detail = "peer dropped connection"
+            if self.in_data:
+                detail += " in DATA"
+            self._close(detail)
+
+    # --- the input loop ---
+    def _run(self, keep_out: bool = False) -> bytes:
+        if not keep_out:
+            self._out = []
+        buf = self._buf
+        while True:
+            state = self._state
+            if state == _CMD:
+                start = self._pos
+                nl = buf.find(b"\n", start)
+                if nl < 0:
+                    if len(buf) - start >= limits.COMMAND_LINE_MAX:
+                        self._state = _SKIP
+                        self._pos = len(buf)
+                    break
+                self._pos = nl + 1
+                if nl + 1 - start > limits.COMMAND_LINE_MAX:
+                    self._error(R.R500_COMMAND_TOO_LONG, "command line too long")
+                    continue
+                end = nl - 1 if nl > start and buf[nl - 1] == 0x0D else nl
+                self._command(bytes(buf[start:end]))
+            elif state == _SKIP:
+                nl = buf.find(b"\n", self._pos)
+                if nl < 0:
+                    self._pos = len(buf)
+                    break
+                self._pos = nl + 1
+                self._state = _CMD
+                self._error(R.R500_COMMAND_TOO_LONG, "command line too long")
+            elif state in (_DATA, _DISCARD):
+                if not self._data():
+                    break
+            else:
+                break
+        if self._pos:
+            del buf[: self._pos]
+            self._pos = 0
+        out = self._out
+        return out[0] if len(out) == 1 else b"".join(out)
+
+    def _command(self, line: bytes) -> None:
+        sp = line.find(b" ")
+        verb, arg = (line, b"") if sp < 0 else (line[:sp], line[sp + 1 :])
+        handler: Callable[[bytes], None] | None = None
+        if verb.isalpha():
+            handler = getattr(self, "smtp_" + verb.decode("ascii").upper(), None)
+        if handler is None:
+            self._error(R.R500_UNRECOGNIZED, "command unrecognized: " + show(line[:40]))
+        else:
+            handler(arg)
+
+    # --- replies, errors, events ---
+    def _r(self, reply: bytes) -> bytes:
+        return reply if self._esmtp else R.plain(reply)
+
+    def _reply(self, reply: bytes) -> None:
+        self._out.append(reply if self._esmtp else R.plain(reply))
+
+    def _reject(self, reply: bytes, reason: str, addr: str = "") -> None:
+        """A refusal that is not the client's fault (no error count)."""
+        self.events.append(("reject", reason, addr, int(reply[:3])))
+        self._reply(reply)
+
+    def _error(self, reply: bytes, reason: str, addr: str = "") -> None:
+        """A refusal caused by the client; too many of them end the session."""
+        self._reject(reply, reason, addr)
+        self._count_error()
+
+    def _count_error(self) -> None:
+        self._errors += 1
+        if self._errors >= self.error_limit and self._state != _CLOSED:
+            self.events.append(("reject", "too many errors", "", 421))
+            self._reply(R.R421_TOO_MANY_ERRORS % self.hostname)
+            self._close("too many errors")
+
+    def _junk(self, reply: bytes) -> None:
+        """Reply to NOOP/RSET/VRFY/EXPN/HELP; past JUNK_COMMAND_LIMIT each is an error."""
+        self._reply(reply)
+        self._junk_count += 1
+        if self._junk_count > limits.JUNK_COMMAND_LIMIT:
+            self._count_error()
+
+    def _close(self, detail: str) -> None:
+        self._state = _CLOSED
+        self.events.append(("disconnect", detail, "", 0))
+        self._buf.clear()
+        self._pos = 0
+
+    def _reset(self) -> None:
+        self._sender = None
+        self._rcpts = []
+        self._params = {}
+
+    def _take_pending(self) -> Envelope:
+        env = self.pending
+        if env is None or self._state != _PENDING:
+            raise RuntimeError("no message is waiting for a storage outcome")
+        self.pending = None
+        self._state = _CMD
+        self._reset()
+        return env
+
+    # --- HELO / EHLO ---
+    def _hello(self, arg: bytes, verb: str, syntax: bytes) -> bool:
+        arg = arg.strip(b" ")
+        if not arg or address.has_control(arg) or not arg.isascii():
+            self._error(syntax, verb + " syntax", show(arg))
+            return False
+        self._reset()
+        self._helo = arg.decode("ascii")
+        self.events.append(("helo", verb, self._helo, 250))
+        return True
+
+    def smtp_HELO(self, arg: bytes) -> None:
+        if self._hello(arg, "HELO", R.R501_HELO_SYNTAX):
+            self._esmtp = False
+            self._out.append(R.R250_HELO % arg.strip(b" "))
+
+    def smtp_EHLO(self, arg: bytes) -> None:
+        if self._hello(arg, "EHLO", R.R501_EHLO_SYNTAX):
+            self._esmtp = True
+            size = R.EHLO_SIZE_LIMIT % self.max_bytes if self.max_bytes >= 0 else R.EHLO_SIZE
+            self._out.append(R.R250_EHLO % (self.hostname, arg.strip(b" "), size))
+
+    # --- the transaction ---
+    def smtp_MAIL(self, arg: bytes) -> None:
+        if self._sender is not None:
+            self._error(R.R503_NESTED_MAIL, "nested MAIL command")
+            return
+        if arg[:5].upper() != b"FROM:":
+            self._error(R.R501_MAIL_SYNTAX, "MAIL syntax", show(arg))
+            return
+        status, path, rest = address.split_path(arg[5:])
+        if status != address.OK:
+            self._bad_address(status, arg, True)
+            return
+        params = address.parse_params(rest)
+        if params is None:
+            self._error(R.R501_PARAM_SYNTAX, "MAIL parameter syntax", show(arg))
+            return
+        if params and not self._mail_params(params):
+            return
+        mailbox = address.strip_source_route(path)
+        if mailbox is None:
+            status = address.SYNTAX
+        elif mailbox:  # b"" is the null reverse-path <>, always allowed
+            status = address.check_mailbox(mailbox, "SMTPUTF8" in params)
+        if status != address.OK or mailbox is None:
+            self._bad_address(status, arg, True)
+            return
+        self._sender = mailbox.decode("utf-8")
+        self._params = params
+        self.events.append(("mail", show(rest.strip()), self._sender, 250))
+        self._reply(R.R250_SENDER_OK % (b"<" + mailbox + b">"))
+
+    def _mail_params(self, params: dict[str, str]) -> bool:
+        """Check MAIL parameters; False when a refusal was sent."""
+        if not self._esmtp:
+            self._error(R.R555_PARAM, "MAIL parameters without EHLO")
+            return False
+        for key, value in params.items():
+            if key == "SIZE":
+                if not value.isdigit() or len(value) > 20:
+                    self._error(R.R501_PARAM_SYNTAX, "bad SIZE=" + value[:40])
+                    return False
+                if 0 <= self.max_bytes < int(value):
+                    self._error(R.R552_TOO_BIG, "declared SIZE=" + value + " over maxbytes")
+                    return False
+            elif key == "BODY":
+                if value.upper() not in ("7BIT", "8BITMIME"):
+                    self._error(R.R501_PARAM_SYNTAX, "bad BODY=" + value[:40])
+                    return False
+                params[key] = value.upper()
+            elif key != "SMTPUTF8" or value:
+                self._error(R.R555_PARAM, "unsupported MAIL parameter " + key[:40])
+                return False
+        return True
+
+    def _bad_address(self, status: int, arg: bytes, sender: bool) -> None:
+        if status == address.TOO_LONG:
+            reply, reason = R.R501_PATH_TOO_LONG, "path too long"
+        elif status == address.DASH:
+            reply = R.R553_SENDER_DASH if sender else R.R553_RCPT_DASH
+            reason = "address starts with '-'"
+        elif status == address.NEED_UTF8:
+            reply, reason = R.R553_NEED_SMTPUTF8, "non-ASCII address without SMTPUTF8"
+        elif status == address.CONTROL:
+            reply = R.R501_BAD_SENDER if sender else R.R501_BAD_RCPT
+            reason = "control character in address"
+        else:
+            reply = R.R501_BAD_SENDER if sender else R.R501_BAD_RCPT
+            reason = "bad address syntax"
+        self._error(reply, ("sender: " if sender else "recipient: ") + reason, show(arg))
+
+    def smtp_RCPT(self, arg: bytes) -> None:
+        if self._sender is None:
+            self._error(R.R503_NEED_MAIL, "RCPT before MAIL")
+            return
+        if arg[:3].upper() != b"TO:":
+            self._error(R.R501_RCPT_SYNTAX, "RCPT syntax", show(arg))
+            return
+        status, mailbox, rest = address.split_path(arg[3:])
+        if status == address.OK and rest.strip():
+            self._error(R.R555_PARAM, "unsupported RCPT parameter", show(arg))
+            return
+        if status == address.OK:
+            stripped = address.strip_source_route(mailbox)
+            if stripped is None:
+                status = address.SYNTAX
+            elif stripped.lower() == b"postmaster":  # RFC 5321 4.5.1: always accepted
+                mailbox = b"postmaster"
+            else:
+                mailbox = stripped
+                status = address.check_mailbox(mailbox, "SMTPUTF8" in self._params)
+        if status != address.OK:
+            self._bad_address(status, arg, False)
+            return
+        rcpt = mailbox.decode("utf-8")
+        if 0 <= self.max_recipients <= len(self._rcpts):
+            self._reject(R.R452_TOO_MANY_RCPTS, "too many recipients", rcpt)
+            return
+        self._rcpts.append(rcpt)
+        self.events.append(("rcpt", "", rcpt, 250))
+        self._reply(R.R250_RCPT_OK % (b"<" + mailbox + b">"))
+
+    def smtp_DATA(self, arg: bytes) -> None:
+        if arg.strip(b" "):
+            self._error(R.R501_DATA_SYNTAX, "DATA syntax")
+        elif self._sender is None:
+            self._error(R.R503_NEED_MAIL, "DATA before MAIL")
+        elif not self._rcpts:
+            self._error(R.R503_NEED_RCPT, "DATA before RCPT")
+        else:
+            self._out.append(R.R354_DATA)
+            # The data region starts with a virtual <CRLF>, so that "." on the first
+            # line ends the data too and one search for <CRLF>.<CRLF> covers it all.
+            buf = self._buf
+            del buf[: self._pos]
+            self._pos = 0
+            buf[0:0] = b"\r\n"
+            self._scan = 0
+            self._line_start = 2
+            self._state = _DATA
+
+    def _data(self) -> bool:
+        """Consume message data; True when the data ended and input goes on."""
+        buf = self._buf
+        i = buf.find(_DOT_END, self._scan)
+        if i < 0:
+            n = len(buf)
+            if self._state == _DISCARD:
+                del buf[: max(0, n - 4)]  # keep what may start a <CRLF>.<CRLF>
+                self._scan = 0
+                return False
+            self._scan = max(0, n - 4)
+            nl = buf.rfind(b"\n", self._line_start)
+            if nl >= 0:
+                self._line_start = nl + 1
+            # Both tests are sure verdicts: a partial line over 1000 octets stays too
+            # long after unstuffing, and unstuffing removes at most 1 octet in 4.
+            if n - self._line_start > limits.TEXT_LINE_MAX:
+                self._discard(R.R500_DATA_LINE_TOO_LONG)
+            elif self.max_bytes >= 0 and 3 * (n - 2) > 4 * (self.max_bytes + 1):
+                self._discard(R.R552_TOO_BIG)
+            return False
+        end = i + 2
+        reply = self._data_reply if self._state == _DISCARD else self._finish(end)
+        del buf[: end + 3]
+        self._scan = 0
+        if reply:
+            self._state = _CMD
+            self._error(reply, _DATA_REASONS[reply], self._sender or "")
+            self._reset()
+            return True
+        return False  # _finish() set pending
+
+    def _discard(self, reply: bytes) -> None:
+        self._state = _DISCARD
+        self._data_reply = reply
+        buf = self._buf
+        del buf[: max(0, len(buf) - 4)]
+        self._scan = 0
+
+    def _finish(self, end: int) -> bytes:
+        """Check the complete data in buf[2:end]; set ``pending`` or return a refusal."""
+        buf = self._buf
+        cr = buf.count(b"\r", 2, end)
+        if cr != buf.count(b"\n", 2, end) or cr != buf.count(b"\r\n", 2, end):
+            return R.R550_BARE_NEWLINE
+        raw = buf[:end]
+        if b"\r\n." in raw:
+            raw = raw.replace(b"\r\n.", b"\r\n")
+        del raw[:2]
+        body = bytes(raw)
+        if 0 <= self.max_bytes < len(body):
+            return R.R552_TOO_BIG
+        if len(body) > limits.TEXT_LINE_CONTENT_MAX and (
+            max(map(len, body.split(b"\r\n"))) > limits.TEXT_LINE_CONTENT_MAX
+        ):
+            return R.R500_DATA_LINE_TOO_LONG
+        assert self._sender is not None
+        self.pending = Envelope(
+            self._sender,
+            self._rcpts,
+            body,
+            self._helo,
+            "ESMTP" if self._esmtp else "SMTP",
+            self._params,
+        )
+        self._state = _PENDING
+        return b""
+
+    # --- the other commands ---
+    def smtp_RSET(self, arg: bytes) -> None:
+        self._reset()
+        self._junk(R.R250_RESET)
+
+    def smtp_NOOP(self, arg: bytes) -> None:
+        self._junk(R.R250_OK)
+
+    def smtp_QUIT(self, arg: bytes) -> None:
+        self._reply(R.R221_BYE)
+        self._close("quit")
+
+    def smtp_VRFY(self, arg: bytes) -> None:
+        if not arg.strip(b" "):
+            self._error(R.R501_VRFY_SYNTAX, "VRFY syntax")
+            return
+        # RFC 5321 3.5.3 allows 252: nothing about local users is revealed.
+        self.events.append(("vrfy", show(arg), "", 252))
+        self._junk(R.R252_VRFY)
+
+    def smtp_EXPN(self, arg: bytes) -> None:
+        self.events.append(("expn", show(arg), "", 502))
+        self._junk(R.R502_EXPN)
+
+    def smtp_HELP(self, arg: bytes) -> None:
+        self._junk(R.R214_HELP)
