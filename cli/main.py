@@ -16,6 +16,7 @@ from smapq.errors import EX_SOFTWARE, EX_USAGE, SmapqError
 
 from .admin import check_config_cmd, db_group, init_cmd
 from .common import State
+from .deliver import deliver_cmd
 
 
 @click.group(context_settings={"help_option_names": ["-h", "--help"]})
@@ -36,6 +37,7 @@ def cli(ctx: click.Context, table: str | None) -> None:
 cli.add_command(init_cmd)
 cli.add_command(check_config_cmd)
 cli.add_command(db_group)
+cli.add_command(deliver_cmd)
 
 
 def run(args: list[str] | None = None, prog: str = "smapq") -> int:

@@ -133,9 +133,726 @@ def count_by_state(conn: Connection) -> dict[str, int]:
 
 
 # --- receiver ------------------------------------------------------------------------
+# The inetd receiver cannot pay for SQLAlchemy: it runs these statements through stdlib
+# sqlite3 as the strings in ``smapq/store/rendered.py``. ``receiver_sql()`` renders them
+# (SQLite, named parameters); tests/receive/test_rendered.py checks the file matches.
+
+RECEIVER_STATEMENTS = {
+    "INSERT_MESSAGE": insert_message_stmt,
+    "INSERT_RECIPIENT": insert_recipient_stmt,
+    "INSERT_EVENT": insert_event_stmt,
+}
+
+
+def receiver_sql() -> dict[str, str]:
+    """Name -> SQL text of every receiver statement, as ``rendered.py`` must hold it."""
+    from sqlalchemy.dialects import sqlite  # noqa: PLC0415  (only the render step needs it)
+
+    dialect = sqlite.dialect(paramstyle="named")
+    return {
+        name: str(build().compile(dialect=dialect)) for name, build in RECEIVER_STATEMENTS.items()
+    }
+
 
 
 # --- deliverer -----------------------------------------------------------------------
+# Every statement smapq deliver runs. Transitions are fenced: they apply only
+# ``WHERE lease_token = :token AND state = 'delivering'``, so a deliverer whose lease
+# expired (and whose row may since have been claimed again) cannot overwrite it.
+
+CLAIM_COLUMNS = (
+    messages.c.id,
+    messages.c.queue_id,
+    messages.c.mail_from,
+    messages.c.received_at,
+    messages.c.next_attempt_at,
+    messages.c.attempts,
+    messages.c.lease_token,
+    messages.c.trace,
+    messages.c.body,
+)
+
+
+def recover_expired_stmt(now: float) -> Any:
+    return (
+        messages.update()
+        .where(messages.c.state == states.DELIVERING)
+        .where(messages.c.lease_expires_at < now)
+        .values(
+            state=states.RECEIVED,
+            attempts=messages.c.attempts + 1,
+            lease_expires_at=None,
+            updated_at=now,
+        )
+        .returning(messages.c.id, messages.c.queue_id, messages.c.lease_owner)
+    )
+
+
+def recover_expired(conn: Connection, now: float) -> list[Row[Any]]:
+    """Rows whose lease expired go back to ``received`` (due at once), one event each.
+
+    The attempt is counted, so a message that kills its deliverer every time still
+    ages out through maxqueuetime instead of looping forever.
+    """
+    rows = list(conn.execute(recover_expired_stmt(now)))
+    insert_events(
+        conn,
+        [
+            {
+                "at": now,
+                "kind": "recovered",
+                "queue_id": r.queue_id,
+                "detail": f"lease of {r.lease_owner} expired",
+            }
+            for r in rows
+        ],
+    )
+    return rows
+
+
+def claim_stmt(owner: str, now: float, lease: float, limit: int) -> Any:
+    # The subquery's FOR UPDATE SKIP LOCKED makes concurrent PostgreSQL deliverers skip
+    # each other's rows; SQLite drops it and serialises on BEGIN IMMEDIATE instead.
+    due = (
+        select(messages.c.id)
+        .where(messages.c.state == states.RECEIVED)
+        .where(messages.c.next_attempt_at <= now)
+        .order_by(messages.c.next_attempt_at)
+        .limit(limit)
+        .with_for_update(skip_locked=True)
+    )
+    return (
+        messages.update()
+        .where(messages.c.id.in_(due))
+        .where(messages.c.state == states.RECEIVED)
+        .values(
+            state=states.DELIVERING,
+            lease_owner=owner,
+            lease_expires_at=now + lease,
+            lease_token=messages.c.lease_token + 1,
+            updated_at=now,
+        )
+        .returning(*CLAIM_COLUMNS)
+    )
+
+
+def claim(conn: Connection, owner: str, now: float, lease: float, limit: int) -> list[Row[Any]]:
+    """Claim up to ``limit`` due messages for ``owner``; oldest due first, one event each."""
+    # RETURNING order is unspecified; hand messages out oldest-due first.
+    rows = sorted(
+        conn.execute(claim_stmt(owner, now, lease, limit)),
+        key=lambda r: (r.next_attempt_at, r.id),
+    )
+    insert_events(
+        conn,
+        [
+            {
+                "at": now,
+                "kind": "claim",
+                "queue_id": r.queue_id,
+                "detail": f"{owner} token {r.lease_token}",
+            }
+            for r in rows
+        ],
+    )
+    return rows
+
+
+def unsent_recipients(conn: Connection, message_ids: Sequence[int]) -> list[Row[Any]]:
+    """Recipients not yet handed to sendmail, for the messages just claimed."""
+    if not message_ids:
+        return []
+    stmt = (
+        select(recipients.c.id, recipients.c.message_id, recipients.c.address)
+        .where(recipients.c.message_id.in_(message_ids))
+        .where(recipients.c.sent_at.is_(None))
+        .order_by(recipients.c.message_id, recipients.c.position)
+    )
+    return list(conn.execute(stmt))
+
+
+def renew_leases(
+    conn: Connection, owner: str, message_ids: Sequence[int], expires_at: float
+) -> set[int]:
+    """Extend the leases ``owner`` still holds; returns the ids actually renewed."""
+    if not message_ids:
+        return set()
+    stmt = (
+        messages.update()
+        .where(messages.c.id.in_(message_ids))
+        .where(messages.c.state == states.DELIVERING)
+        .where(messages.c.lease_owner == owner)
+        .values(lease_expires_at=expires_at)
+        .returning(messages.c.id)
+    )
+    return {int(r.id) for r in conn.execute(stmt)}
+
+
+def _still_mine(message_id: int, token: int) -> Any:
+    return (
+        select(messages.c.id)
+        .where(messages.c.id == message_id)
+        .where(messages.c.lease_token == token)
+        .where(messages.c.state == states.DELIVERING)
+        .exists()
+    )
+
+
+def mark_sent(
+    conn: Connection,
+    message_id: int,
+    token: int,
+    recipient_ids: Sequence[int],
+    now: float,
+    result: str,
+) -> bool:
+    """Record a batch sendmail accepted, so no retry sends it again; False if fenced off."""
+    stmt = (
+        recipients.update()
+        .where(recipients.c.id.in_(recipient_ids))
+        .where(recipients.c.sent_at.is_(None))
+        .where(_still_mine(message_id, token))
+        .values(sent_at=now, last_result=result)
+    )
+    return conn.execute(stmt).rowcount > 0
+
+
+def note_recipients(conn: Connection, recipient_ids: Sequence[int], result: str) -> None:
+    """The last result for recipients that were not delivered (temp or perm failure)."""
+    if recipient_ids:
+        stmt = (
+            recipients.update()
+            .where(recipients.c.id.in_(recipient_ids))
+            .values(last_result=result)
+        )
+        conn.execute(stmt)
+
+
+def finish(
+    conn: Connection,
+    message_id: int,
+    token: int,
+    queue_id: str,
+    kind: str,
+    values: Mapping[str, Any],
+    now: float,
+    code: int | None,
+    detail: str,
+) -> bool:
+    """One outcome: fenced UPDATE of the message plus its event; False if fenced off.
+
+    ``kind`` is the event (delivered, deferred, bad, recovered); ``values`` the new
+    column values (state, next_attempt_at, attempts, ...).
+    """
+    stmt = (
+        messages.update()
+        .where(messages.c.id == message_id)
+        .where(messages.c.lease_token == token)
+        .where(messages.c.state == states.DELIVERING)
+        .values(
+            lease_owner=None,
+            lease_expires_at=None,
+            updated_at=now,
+            last_exit=code,
+            last_result=detail,
+            **values,
+        )
+    )
+    if conn.execute(stmt).rowcount != 1:
+        return False
+    add_event(conn, kind, at=now, queue_id=queue_id, code=code, detail=detail)
+    return True
+
+
+def next_due_at(conn: Connection) -> float | None:
+    """When the next message falls due or the next lease expires (None: nothing waits)."""
+    due = select(func.min(messages.c.next_attempt_at)).where(
+        messages.c.state == states.RECEIVED
+    )
+    lease = select(func.min(messages.c.lease_expires_at)).where(
+        messages.c.state == states.DELIVERING
+    )
+    times = [conn.execute(due).scalar(), conn.execute(lease).scalar()]
+    present = [float(t) for t in times if t is not None]
+    return min(present) if present else None
+
+
+def data_version(conn: Connection) -> int:
+    """SQLite's change counter: differs between two calls iff another connection committed."""
+    return int(conn.exec_driver_sql("PRAGMA data_version").scalar() or 0)
 
 
 # --- reports and queue verbs ---------------------------------------------------------
+#
+# Read side (reports, metrics, queue list/show) takes a read-only connection; the verbs
+# take a connection inside ``engine.begin()`` and append their event in the same
+# transaction. Windows are half-open [since, until) on the report's natural clock.
+
+REFUSAL_KINDS = ("reject", "vrfy", "expn", "timeout")
+
+
+def _window(col: Any, since: float | None, until: float | None) -> list[Any]:
+    conds = []
+    if since is not None:
+        conds.append(col >= since)
+    if until is not None:
+        conds.append(col < until)
+    return conds
+
+
+def report_state_totals(
+    conn: Connection, since: float | None, until: float | None
+) -> list[Sequence[Any]]:
+    """(state, messages, bytes) of messages received in the window."""
+    m = messages.c
+    stmt = (
+        select(m.state, func.count(), func.coalesce(func.sum(m.size), 0))
+        .where(*_window(m.received_at, since, until))
+        .group_by(m.state)
+    )
+    return list(conn.execute(stmt))
+
+
+def report_deferred_count(conn: Connection) -> int:
+    m = messages.c
+    stmt = select(func.count()).where(m.state == states.RECEIVED, m.attempts > 0)
+    return int(conn.execute(stmt).scalar_one())
+
+
+def report_oldest_waiting(conn: Connection) -> float | None:
+    """received_at of the oldest message not yet delivered or bad (held included)."""
+    m = messages.c
+    stmt = select(func.min(m.received_at)).where(m.state.in_(states.WAITING))
+    value = conn.execute(stmt).scalar_one()
+    return None if value is None else float(value)
+
+
+def report_delivered_count(conn: Connection, since: float | None, until: float | None) -> int:
+    m = messages.c
+    stmt = select(func.count()).where(
+        m.delivered_at.is_not(None), *_window(m.delivered_at, since, until)
+    )
+    return int(conn.execute(stmt).scalar_one())
+
+
+def report_event_count(
+    conn: Connection, kind: str, since: float | None, until: float | None
+) -> int:
+    e = events.c
+    stmt = select(func.count()).where(e.kind == kind, *_window(e.at, since, until))
+    return int(conn.execute(stmt).scalar_one())
+
+
+def report_top_senders(
+    conn: Connection, since: float | None, until: float | None, top: int
+) -> list[Sequence[Any]]:
+    """(sender, messages, bytes), most messages first."""
+    m = messages.c
+    n = func.count().label("n")
+    stmt = (
+        select(m.mail_from, n, func.sum(m.size))
+        .where(*_window(m.received_at, since, until))
+        .group_by(m.mail_from)
+        .order_by(n.desc(), m.mail_from)
+        .limit(top)
+    )
+    return list(conn.execute(stmt))
+
+
+def report_top_recipients(
+    conn: Connection, since: float | None, until: float | None, top: int
+) -> list[Sequence[Any]]:
+    """(recipient, messages, bytes), most messages first."""
+    m, r = messages.c, recipients.c
+    n = func.count().label("n")
+    stmt = select(r.address, n, func.sum(m.size))
+    if since is None and until is None:
+        # No window: the join is only for bytes; still one pass over recipients.
+        stmt = stmt.select_from(recipients.join(messages, m.id == r.message_id))
+    else:
+        stmt = stmt.select_from(messages.join(recipients, r.message_id == m.id)).where(
+            *_window(m.received_at, since, until)
+        )
+    stmt = stmt.group_by(r.address).order_by(n.desc(), r.address).limit(top)
+    return list(conn.execute(stmt))
+
+
+def report_top_clients(
+    conn: Connection, since: float | None, until: float | None, top: int
+) -> list[Sequence[Any]]:
+    """(client_addr, client_name, messages, bytes), most messages first."""
+    m = messages.c
+    n = func.count().label("n")
+    stmt = (
+        select(m.client_addr, func.max(m.client_name), n, func.sum(m.size))
+        .where(*_window(m.received_at, since, until))
+        .group_by(m.client_addr)
+        .order_by(n.desc(), m.client_addr)
+        .limit(top)
+    )
+    return list(conn.execute(stmt))
+
+
+def report_refused_counts(
+    conn: Connection,
+    by: str,
+    keys: Sequence[str],
+    since: float | None,
+    until: float | None,
+) -> dict[str, int]:
+    """Refused commands (reject events) per ``by`` ('address' or 'client_addr') for keys."""
+    if not keys:
+        return {}
+    e = events.c
+    col = e.address if by == "address" else e.client_addr
+    stmt = (
+        select(col, func.count())
+        .where(e.kind == "reject", col.in_(list(keys)), *_window(e.at, since, until))
+        .group_by(col)
+    )
+    return {str(k): int(v) for k, v in conn.execute(stmt)}
+
+
+def report_latencies(
+    conn: Connection, since: float | None, until: float | None
+) -> Iterable[Sequence[Any]]:
+    """(delivered_at, seconds from receipt to delivery) in delivery order, streamed."""
+    m = messages.c
+    stmt = (
+        select(m.delivered_at, m.delivered_at - m.received_at)
+        .where(m.delivered_at.is_not(None), *_window(m.delivered_at, since, until))
+        .order_by(m.delivered_at)
+    )
+    return conn.execution_options(stream_results=True).execute(stmt)
+
+
+def report_waiting_recipients(
+    conn: Connection, queue_states: Sequence[str], since: float | None, until: float | None
+) -> Iterable[Sequence[Any]]:
+    """(received_at, recipient address) of every recipient still waiting, streamed."""
+    m, r = messages.c, recipients.c
+    stmt = (
+        select(m.received_at, r.address)
+        .select_from(messages.join(recipients, r.message_id == m.id))
+        .where(
+            m.state.in_(list(queue_states)),
+            r.sent_at.is_(None),
+            *_window(m.received_at, since, until),
+        )
+    )
+    return conn.execution_options(stream_results=True).execute(stmt)
+
+
+def _rcpt_count() -> Any:
+    r = recipients.c
+    return (
+        select(func.count())
+        .where(r.message_id == messages.c.id)
+        .correlate(messages)
+        .scalar_subquery()
+    )
+
+
+def report_deferred_list(
+    conn: Connection, since: float | None, until: float | None, limit: int
+) -> list[Sequence[Any]]:
+    """Deferred messages (received, attempts > 0), oldest first."""
+    m = messages.c
+    stmt = (
+        select(
+            m.queue_id,
+            m.received_at,
+            m.attempts,
+            m.next_attempt_at,
+            m.last_exit,
+            m.last_result,
+            m.mail_from,
+            _rcpt_count(),
+        )
+        .where(m.state == states.RECEIVED, m.attempts > 0)
+        .where(*_window(m.received_at, since, until))
+        .order_by(m.received_at, m.id)
+        .limit(limit)
+    )
+    return list(conn.execute(stmt))
+
+
+def report_bad_list(
+    conn: Connection, since: float | None, until: float | None, limit: int
+) -> list[Sequence[Any]]:
+    """Messages in state bad, most recently failed first (window on updated_at)."""
+    m = messages.c
+    stmt = (
+        select(
+            m.queue_id,
+            m.received_at,
+            m.updated_at,
+            m.attempts,
+            m.last_exit,
+            m.last_result,
+            m.mail_from,
+            _rcpt_count(),
+        )
+        .where(m.state == states.BAD, *_window(m.updated_at, since, until))
+        .order_by(m.updated_at.desc(), m.id.desc())
+        .limit(limit)
+    )
+    return list(conn.execute(stmt))
+
+
+def _kind_count(kind: str | Sequence[str]) -> Any:
+    e = events.c
+    cond = e.kind == kind if isinstance(kind, str) else e.kind.in_(list(kind))
+    return func.count().filter(cond)
+
+
+def report_sessions(
+    conn: Connection, since: float | None, until: float | None, top: int
+) -> list[Sequence[Any]]:
+    """Per client: connections, accepted, refused, vrfy, expn, timeouts, last seen."""
+    e = events.c
+    conns = _kind_count("connect").label("conns")
+    stmt = (
+        select(
+            e.client_addr,
+            conns,
+            _kind_count("accept"),
+            _kind_count("reject"),
+            _kind_count("vrfy"),
+            _kind_count("expn"),
+            _kind_count("timeout"),
+            func.max(e.at),
+        )
+        .where(
+            e.kind.in_(["connect", "accept", *REFUSAL_KINDS]),
+            *_window(e.at, since, until),
+        )
+        .group_by(e.client_addr)
+        .order_by(conns.desc(), e.client_addr)
+        .limit(top)
+    )
+    return list(conn.execute(stmt))
+
+
+def report_refused(
+    conn: Connection, since: float | None, until: float | None, top: int
+) -> list[Sequence[Any]]:
+    """(client, kind, code, count, last seen, a sample detail), most frequent first."""
+    e = events.c
+    n = func.count().label("n")
+    stmt = (
+        select(e.client_addr, e.kind, e.code, n, func.max(e.at), func.max(e.detail))
+        .where(e.kind.in_(REFUSAL_KINDS), *_window(e.at, since, until))
+        .group_by(e.client_addr, e.kind, e.code)
+        .order_by(n.desc(), e.client_addr, e.kind)
+        .limit(top)
+    )
+    return list(conn.execute(stmt))
+
+
+def report_attempts_histogram(conn: Connection) -> list[Sequence[Any]]:
+    """(attempts, messages) over waiting messages."""
+    m = messages.c
+    stmt = (
+        select(m.attempts, func.count())
+        .where(m.state.in_(states.WAITING))
+        .group_by(m.attempts)
+        .order_by(m.attempts)
+    )
+    return list(conn.execute(stmt))
+
+
+def report_event_totals(conn: Connection, kinds: Sequence[str]) -> dict[str, int]:
+    """All-time count of each event kind (Prometheus counters)."""
+    e = events.c
+    stmt = select(e.kind, func.count()).where(e.kind.in_(list(kinds))).group_by(e.kind)
+    found = {str(k): int(n) for k, n in conn.execute(stmt)}
+    return {k: found.get(k, 0) for k in kinds}
+
+
+def run_sql(conn: Connection, sql: str) -> tuple[list[str], Iterable[Sequence[Any]]]:
+    """The operator's own statement, on a connection the caller made read-only.
+
+    Returns the column names and the streamed rows.
+    """
+    result = conn.execution_options(stream_results=True).exec_driver_sql(sql)
+    return list(result.keys()), result
+
+
+def queue_list(
+    conn: Connection,
+    *,
+    queue_states: Sequence[str] = (),
+    sender: str | None = None,
+    recipient: str | None = None,
+    client: str | None = None,
+    received_before: float | None = None,
+    received_after: float | None = None,
+    after_id: int = 0,
+    limit: int | None = None,
+) -> Iterable[Sequence[Any]]:
+    """Messages in queue order (messages.id), keyset-paged after ``after_id``, streamed.
+
+    ``sender``, ``recipient`` and ``client`` are SQL LIKE patterns (the caller maps
+    ``*`` to ``%``); a pattern without wildcards is an exact match.
+    """
+    m, r = messages.c, recipients.c
+    first_rcpt = (
+        select(r.address)
+        .where(r.message_id == m.id)
+        .order_by(r.position)
+        .limit(1)
+        .correlate(messages)
+        .scalar_subquery()
+    )
+    stmt = select(
+        m.id,
+        m.queue_id,
+        m.state,
+        m.received_at,
+        m.size,
+        m.attempts,
+        m.mail_from,
+        m.client_addr,
+        _rcpt_count(),
+        first_rcpt,
+    ).where(m.id > after_id)
+    if queue_states:
+        stmt = stmt.where(m.state.in_(list(queue_states)))
+    if sender is not None:
+        stmt = stmt.where(m.mail_from.like(sender, escape="\\"))
+    if client is not None:
+        stmt = stmt.where(m.client_addr.like(client, escape="\\"))
+    if recipient is not None:
+        has = (
+            select(r.id)
+            .where(r.message_id == m.id, r.address.like(recipient, escape="\\"))
+            .correlate(messages)
+            .exists()
+        )
+        stmt = stmt.where(has)
+    stmt = stmt.where(*_window(m.received_at, received_after, received_before))
+    stmt = stmt.order_by(m.id)
+    if limit is not None:
+        stmt = stmt.limit(limit)
+    return conn.execution_options(stream_results=True).execute(stmt)
+
+
+def queue_find(conn: Connection, queue_ids: Sequence[str]) -> dict[str, Row[Any]]:
+    """queue_id -> (id, queue_id, state, lease_expires_at, attempts) for the known ids."""
+    m = messages.c
+    found: dict[str, Row[Any]] = {}
+    ids = list(dict.fromkeys(queue_ids))
+    for i in range(0, len(ids), 500):
+        stmt = select(m.id, m.queue_id, m.state, m.lease_expires_at, m.attempts).where(
+            m.queue_id.in_(ids[i : i + 500])
+        )
+        found.update({row.queue_id: row for row in conn.execute(stmt)})
+    return found
+
+
+def queue_ids_in_state(conn: Connection, state: str) -> list[str]:
+    m = messages.c
+    stmt = select(m.queue_id).where(m.state == state).order_by(m.id)
+    return [str(q) for q in conn.execute(stmt).scalars()]
+
+
+def queue_transition(
+    conn: Connection,
+    message_id: int,
+    from_states: Sequence[str],
+    to_state: str,
+    now: float,
+    due_now: bool,
+) -> bool:
+    """Move one message between states if it is still in one of ``from_states``.
+
+    The state test is in the UPDATE itself, so a deliverer's claim that committed
+    between our read and this write wins and we report the row unchanged.
+    """
+    m = messages.c
+    values: dict[str, Any] = {"state": to_state, "updated_at": now}
+    if due_now:
+        values.update(next_attempt_at=now, lease_owner=None, lease_expires_at=None)
+    stmt = (
+        messages.update().where(m.id == message_id, m.state.in_(list(from_states))).values(values)
+    )
+    return conn.execute(stmt).rowcount == 1
+
+
+def queue_delete(conn: Connection, message_id: int, now: float) -> bool:
+    """Delete one message and its recipients unless a deliverer holds a live lease."""
+    m = messages.c
+    live = (m.state == states.DELIVERING) & (func.coalesce(m.lease_expires_at, 0) >= now)
+    gone = conn.execute(messages.delete().where(m.id == message_id, ~live)).rowcount
+    if gone:
+        conn.execute(recipients.delete().where(recipients.c.message_id == message_id))
+    return gone == 1
+
+
+def message_body(conn: Connection, message_id: int) -> tuple[str, bytes | None] | None:
+    """(trace, body) of one message; body is None once purged."""
+    m = messages.c
+    row = conn.execute(select(m.trace, m.body).where(m.id == message_id)).first()
+    return None if row is None else (str(row[0]), row[1])
+
+
+def purge_candidates(
+    conn: Connection, cutoff: float, include_bad: bool, after_id: int, limit: int
+) -> list[Row[Any]]:
+    """(id, queue_id, state, has_body) of final messages older than cutoff, by id.
+
+    Delivered mail ages from delivered_at; bad mail (with include_bad) from updated_at.
+    """
+    m = messages.c
+    cond = (m.state == states.DELIVERED) & (m.delivered_at < cutoff)
+    if include_bad:
+        cond = cond | ((m.state == states.BAD) & (m.updated_at < cutoff))
+    stmt = (
+        select(m.id, m.queue_id, m.state, m.body.is_not(None).label("has_body"))
+        .where(m.id > after_id, cond)
+        .order_by(m.id)
+        .limit(limit)
+    )
+    return list(conn.execute(stmt))
+
+
+def purge_bodies(conn: Connection, message_ids: Sequence[int], now: float) -> int:
+    m = messages.c
+    stmt = (
+        messages.update()
+        .where(m.id.in_(list(message_ids)), m.body.is_not(None))
+        .values(body=None, updated_at=now)
+    )
+    return int(conn.execute(stmt).rowcount)
+
+
+def purge_rows(conn: Connection, message_ids: Sequence[int]) -> int:
+    ids = list(message_ids)
+    conn.execute(recipients.delete().where(recipients.c.message_id.in_(ids)))
+    return int(conn.execute(messages.delete().where(messages.c.id.in_(ids))).rowcount)
+
+
+def imported_keys(conn: Connection) -> set[str]:
+    """The ``detail`` of every 'imported' event: 'file sha256=...' keys already done."""
+    e = events.c
+    stmt = select(e.detail).where(e.kind == "imported")
+    return {str(d) for d in conn.execute(stmt).scalars() if d is not None}
+
+
+def tune_for_reports(conn: Connection) -> None:
+    """Per-connection read tuning on SQLite: 64 MiB page cache, temp b-trees in memory,
+    256 MiB mmap. None of these writes the file; other backends are left alone."""
+    if conn.dialect.name != "sqlite":
+        return
+    for pragma in ("cache_size = -65536", "temp_store = MEMORY", "mmap_size = 268435456"):
+        conn.exec_driver_sql(f"PRAGMA {pragma}")
+
+
+def set_read_only(conn: Connection) -> None:
+    """Make the current transaction read-only where the backend has such a thing.
+
+    SQLite connections for reports are already ``mode=ro`` + ``query_only``.
+    """
+    if conn.dialect.name == "postgresql":
+        conn.exec_driver_sql("SET TRANSACTION READ ONLY")

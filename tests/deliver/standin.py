@@ -1,0 +1,55 @@
+#!/usr/bin/python3
+"""A stand-in sendmail for the deliverer's tests: records each call, exits as told.
+
+Installed (copied) into a world-traversable directory so a dropped uid can run it.
+Each call writes ``calls/<n>.json`` (argv, uid, gid, groups, pid, start time) and
+``calls/<n>.in`` (stdin, byte-exact). A recipient ``exitNN@...`` makes it exit NN,
+``signalNN@...`` kill itself with signal NN, ``talk@...`` print a lot; while the file
+``hold`` exists next to it, it waits (after recording) before exiting.
+"""
+
+import json
+import os
+import signal
+import sys
+import time
+
+HERE = os.path.dirname(os.path.abspath(__file__))
+CALLS = os.path.join(HERE, "calls")
+
+
+def main() -> int:
+    started = time.time()
+    data = sys.stdin.buffer.read()
+    name = f"{time.time_ns()}-{os.getpid()}"
+    record = {
+        "argv": sys.argv[1:],
+        "uid": os.getuid(),
+        "gid": os.getgid(),
+        "groups": sorted(os.getgroups()),
+        "pid": os.getpid(),
+        "started": started,
+    }
+    with open(os.path.join(CALLS, name + ".in"), "wb") as fh:
+        fh.write(data)
+    tmp = os.path.join(CALLS, "." + name)
+    with open(tmp, "w") as fh:
+        json.dump(record, fh)
+    os.rename(tmp, os.path.join(CALLS, name + ".json"))
+    code = 0
+    for arg in sys.argv[1:]:
+        local = arg.split("@")[0]
+        if local.startswith("exit"):
+            code = int(local[4:])
+        elif local.startswith("signal"):
+            os.kill(os.getpid(), int(local[6:]))
+        elif local == "talk":
+            sys.stdout.write("x" * 100000 + "\n")
+    while os.path.exists(os.path.join(HERE, "hold")):
+        time.sleep(0.05)
+    print(f"stand-in: {len(data)} bytes")
+    return code
+
+
+if __name__ == "__main__":
+    sys.exit(main())
