@@ -4,13 +4,13 @@
 Installed (copied) into a world-traversable directory so a dropped uid can run it.
 Each call writes ``calls/<n>.json`` (argv, uid, gid, groups, pid, start time) and
 ``calls/<n>.in`` (stdin, byte-exact). A recipient ``exitNN@...`` makes it exit NN,
-``signalNN@...`` kill itself with signal NN, ``talk@...`` print a lot; while the file
+``signalNN@...`` kill itself with signal NN, ``failonce@...`` exit 75 the first
+time only, ``talk@...`` print a lot; while the file
 ``hold`` exists next to it, it waits (after recording) before exiting.
 """
 
 import json
 import os
-import signal
 import sys
 import time
 
@@ -43,11 +43,18 @@ def main() -> int:
             code = int(local[4:])
         elif local.startswith("signal"):
             os.kill(os.getpid(), int(local[6:]))
+        elif local == "failonce":
+            marker = os.path.join(CALLS, "failed-once")
+            if not os.path.exists(marker):
+                open(marker, "w").close()
+                code = 75
         elif local == "talk":
             sys.stdout.write("x" * 100000 + "\n")
     while os.path.exists(os.path.join(HERE, "hold")):
         time.sleep(0.05)
     print(f"stand-in: {len(data)} bytes")
+    with open(os.path.join(CALLS, name + ".done"), "w") as fh:
+        fh.write(repr(time.time()))
     return code
 
 
