@@ -17,6 +17,9 @@ from smapq.errors import EX_SOFTWARE, EX_USAGE, SmapqError
 from .admin import check_config_cmd, db_group, init_cmd
 from .common import State
 from .deliver import deliver_cmd
+from .importspool import import_spool_cmd
+from .queue import queue_group
+from .report import report_group
 
 
 @click.group(context_settings={"help_option_names": ["-h", "--help"]})
@@ -38,6 +41,9 @@ cli.add_command(init_cmd)
 cli.add_command(check_config_cmd)
 cli.add_command(db_group)
 cli.add_command(deliver_cmd)
+cli.add_command(report_group)
+cli.add_command(queue_group)
+cli.add_command(import_spool_cmd)
 
 
 def run(args: list[str] | None = None, prog: str = "smapq") -> int:

@@ -798,22 +798,31 @@ def message_body(conn: Connection, message_id: int) -> tuple[str, bytes | None] 
 
 
 def purge_candidates(
-    conn: Connection, cutoff: float, include_bad: bool, after_id: int, limit: int
+    conn: Connection,
+    state: str,
+    cutoff: float,
+    after: tuple[float, int],
+    limit: int,
+    with_body_only: bool = False,
 ) -> list[Row[Any]]:
-    """(id, queue_id, state, has_body) of final messages older than cutoff, by id.
+    """(id, queue_id, has_body, final_at) of ``state`` messages final before cutoff.
 
-    Delivered mail ages from delivered_at; bad mail (with include_bad) from updated_at.
+    Delivered mail ages from delivered_at, bad mail from updated_at. Keyset-paged on
+    (t, id) after ``after``, so a long purge walks the index once instead of rescanning
+    rows it already emptied. (t is delivered_at for delivered mail, updated_at for bad.)
     """
     m = messages.c
-    cond = (m.state == states.DELIVERED) & (m.delivered_at < cutoff)
-    if include_bad:
-        cond = cond | ((m.state == states.BAD) & (m.updated_at < cutoff))
+    t = m.delivered_at if state == states.DELIVERED else m.updated_at
+    last_t, last_id = after
     stmt = (
-        select(m.id, m.queue_id, m.state, m.body.is_not(None).label("has_body"))
-        .where(m.id > after_id, cond)
-        .order_by(m.id)
+        select(m.id, m.queue_id, m.body.is_not(None).label("has_body"), t.label("final_at"))
+        .where(m.state == state, t < cutoff)
+        .where((t > last_t) | ((t == last_t) & (m.id > last_id)))
+        .order_by(t, m.id)
         .limit(limit)
     )
+    if with_body_only:
+        stmt = stmt.where(m.body.is_not(None))
     return list(conn.execute(stmt))
 
 
@@ -856,3 +865,12 @@ def set_read_only(conn: Connection) -> None:
     """
     if conn.dialect.name == "postgresql":
         conn.exec_driver_sql("SET TRANSACTION READ ONLY")
+
+
+def message_timeline(conn: Connection, queue_id: str, session_id: str | None) -> list[Row[Any]]:
+    """Events of one message and of the SMTP session that brought it, in order."""
+    e = events.c
+    cond = e.queue_id == queue_id
+    if session_id:
+        cond = cond | (e.session_id == session_id)
+    return list(conn.execute(select(events).where(cond).order_by(e.at, e.id)))
