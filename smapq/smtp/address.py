@@ -12,10 +12,13 @@ client announced SMTPUTF8.  Source routes are accepted and ignored (RFC 5321 3.3
 Standards: RFC 5321 4.1.2 (Path, Mailbox, Dot-string, Quoted-string, Domain,
 address-literal), 4.5.3.1 (sizes), RFC 6531 3.3 (UTF-8 in addresses).
 
-Lean: no ``re``; character classes are checked with ``bytes.translate``.
+Lean: no ``re``; character classes are checked with ``bytes.translate``.  Address
+literals use ``_socket.inet_pton`` (the C module: ``socket`` would import enum).
 """
 
 from __future__ import annotations
+
+from _socket import AF_INET, AF_INET6, inet_pton
 
 from smapq.smtp import limits
 
@@ -172,14 +175,12 @@ def _literal_ok(domain: bytes) -> bool:
     if len(domain) < 3 or domain[-1:] != b"]":
         return False
     inner = domain[1:-1]
-    import socket  # noqa: PLC0415  (only literals need it; the receiver has it loaded)
-
     if inner[:5].upper() == b"IPV6:":
-        family, text = socket.AF_INET6, inner[5:]
+        family, text = AF_INET6, inner[5:]
     else:
-        family, text = socket.AF_INET, inner
+        family, text = AF_INET, inner
     try:
-        socket.inet_pton(family, text.decode("ascii"))
+        inet_pton(family, text.decode("ascii"))
     except (OSError, UnicodeDecodeError, ValueError):
         return False
     return True

@@ -24,6 +24,8 @@ R220_BANNER = b"220 %s SMTP/smap Ready.\r\n"  # % hostname
 R221_BYE = b"221 2.0.0 Closing connection\r\n"
 R421_TIMEOUT = b"421 4.4.2 %s Error: timeout exceeded\r\n"  # % hostname
 R421_TOO_MANY_ERRORS = b"421 4.7.0 %s Error: too many errors\r\n"  # % hostname
+# % hostname; instead of the banner when the receiver cannot start (config, jail, database)
+R421_UNAVAILABLE = b"421 4.3.0 %s Service not available, closing connection\r\n"
 
 # --- HELO / EHLO -----------------------------------------------------------------------
 R250_HELO = b"250 (%s) pleased to meet you.\r\n"  # % helo argument

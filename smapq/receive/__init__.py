@@ -1,0 +1,1 @@
+"""The inetd receiver, smap (imports nothing: it runs once per SMTP connection)."""

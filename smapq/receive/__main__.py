@@ -1,0 +1,5 @@
+"""``python -m smapq.receive``: the same as the ``smap`` console script."""
+
+from smapq.receive.main import main
+
+main()

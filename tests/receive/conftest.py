@@ -1,0 +1,76 @@
+"""Fixtures for the receiver's acceptance tests: a spool and a real super-server."""
+
+from __future__ import annotations
+
+import os
+import sqlite3
+from collections.abc import Callable, Iterator
+from pathlib import Path
+
+import pytest
+
+from tests.conftest import Spool, make_spool, program
+from tests.receive.superserver import KINDS, Client, SuperServer, installed
+
+ROOT = os.geteuid() == 0
+
+
+class Rig:
+    """A spool, the table smap reads, and a super-server that runs smap for it."""
+
+    def __init__(self, spool: Spool, server: SuperServer) -> None:
+        self.spool = spool
+        self.server = server
+        self.clients: list[Client] = []
+
+    def client(self, banner: bool = True) -> Client:
+        c = Client(self.server.connect())
+        self.clients.append(c)
+        if banner:
+            greeting = c.reply()
+            assert greeting.startswith(b"220 "), greeting
+        return c
+
+    def rows(self, sql: str, *args: object) -> list[tuple[object, ...]]:
+        with sqlite3.connect(f"file:{self.spool.db}?mode=ro", uri=True) as db:
+            return list(db.execute(sql, args))
+
+
+def spool_for_receiver(root: Path, extra: str = "") -> Spool:
+    """As root: smap jailed as nobody (production); otherwise jail off (a dev box)."""
+    return make_spool(root, extra, user="nobody" if ROOT else None)
+
+
+@pytest.fixture
+def rig_factory(open_dir: Path) -> Iterator[Callable[..., Rig]]:
+    rigs: list[Rig] = []
+    count = 0
+
+    def make(extra: str = "", kind: str = "inetd", spool: Spool | None = None) -> Rig:
+        nonlocal count
+        if not installed(kind):
+            pytest.skip(f"{kind} is not installed (.ci/run installs it)")
+        count += 1
+        root = open_dir / f"rig{count}"
+        root.mkdir(mode=0o755)
+        spool = spool or spool_for_receiver(root, extra)
+        server = SuperServer(kind, [program("smap"), "-t", str(spool.table)], root)
+        rigs.append(Rig(spool, server))
+        return rigs[-1]
+
+    yield make
+    for rig in rigs:
+        for c in rig.clients:
+            c.close()
+        rig.server.stop()
+
+
+@pytest.fixture(params=KINDS)
+def any_rig(request: pytest.FixtureRequest, rig_factory: Callable[..., Rig]) -> Rig:
+    """The same rig under every super-server."""
+    return rig_factory(kind=request.param)
+
+
+@pytest.fixture
+def rig(rig_factory: Callable[..., Rig]) -> Rig:
+    return rig_factory()
