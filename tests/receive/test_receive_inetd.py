@@ -56,7 +56,7 @@ def test_seed_transcript_verbatim(any_rig: Rig) -> None:
     )
     trace = str(msg[8])
     assert trace.startswith("Received: from bigco.com (unknown [127.0.0.1])\r\n\tby ")
-    assert f"via smap (smapq " in trace and f"id {qid}; " in trace
+    assert "via smap (smapq " in trace and f"id {qid}; " in trace
     assert any_rig.rows("SELECT position, address FROM recipients") == [(0, "root@bigco.com")]
     kinds = any_rig.rows("SELECT kind, queue_id, address, code FROM events ORDER BY at, id")
     assert [k[0] for k in kinds] == ["connect", "helo", "mail", "rcpt", "accept", "disconnect"]

@@ -1,0 +1,200 @@
+"""The jail, as root: real chroot and uid drop, jail off, syslog, disk full."""
+
+from __future__ import annotations
+
+import os
+import pwd
+import socket
+import subprocess
+import threading
+from collections.abc import Callable, Iterator
+from pathlib import Path
+
+import pytest
+
+from smapq.smtp import replies as R
+from tests.conftest import make_spool, program, root_only
+from tests.receive.conftest import Rig
+from tests.receive.superserver import Client
+
+pytestmark = [pytest.mark.integration, pytest.mark.privileged, root_only]
+
+NOBODY = pwd.getpwnam("nobody")
+
+
+def status(pid: int) -> dict[str, list[str]]:
+    out = {}
+    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+        key, _, value = line.partition(":")
+        out[key] = value.split()
+    return out
+
+
+def open_session(rig: Rig) -> tuple[int, Client]:
+    """Connect, say EHLO, and return the pid of the receiver serving us."""
+    c = rig.client()
+    assert c.cmd(b"EHLO c").startswith(b"250-")
+    (pid,) = rig.server.children()
+    return pid, c
+
+
+@pytest.mark.parametrize("kind", ["inetd", "systemd-socket-activate"])
+def test_receiver_is_chrooted_and_runs_as_nobody(
+    rig_factory: Callable[..., Rig], kind: str
+) -> None:
+    rig = rig_factory(kind=kind)
+    pid, _ = open_session(rig)
+    st = status(pid)
+    assert st["Uid"] == [str(NOBODY.pw_uid)] * 4
+    assert st["Gid"] == [str(NOBODY.pw_gid)] * 4
+    assert st["Groups"] == []  # setgroups([]): none of root's groups survive
+    assert os.readlink(f"/proc/{pid}/root") == str(rig.spool.directory)
+    assert os.readlink(f"/proc/{pid}/cwd") == str(rig.spool.directory)
+    assert st["CapEff"] == ["0000000000000000"]
+
+
+def test_jail_off_still_drops_privileges_and_says_so(rig_factory: Callable[..., Rig]) -> None:
+    rig = rig_factory("smap: jail off\n")
+    pid, c = open_session(rig)
+    st = status(pid)
+    assert st["Uid"] == [str(NOBODY.pw_uid)] * 4
+    assert os.readlink(f"/proc/{pid}/root") == "/"
+    # inetd put the socket on fd 2 too: the notice must not have reached the client.
+    assert c.cmd(b"QUIT") == R.R221_BYE
+    assert c.eof()
+    assert rig.rows("SELECT detail FROM events WHERE kind = 'jail'") == [
+        (f"jail off: not chrooted into {rig.spool.directory} (smap: jail off)",)
+    ]
+
+
+def test_jail_off_notice_goes_to_stderr_when_stderr_is_not_the_connection(
+    open_dir: Path,
+) -> None:
+    spool = make_spool(open_dir, "smap: jail off\n", user="nobody")
+    a, b = socket.socketpair()
+    with a, b:
+        proc = subprocess.Popen(
+            [program("smap"), "-t", str(spool.table)],
+            stdin=b.fileno(),
+            stdout=b.fileno(),
+            stderr=subprocess.PIPE,
+        )
+        b.close()
+        a.sendall(b"QUIT\r\n")
+        data = b""
+        while chunk := a.recv(4096):
+            data += chunk
+        _, err = proc.communicate(timeout=30)
+    assert data.startswith(b"220 ")
+    assert b"jail off: not chrooted" in err
+
+
+def test_root_without_userid_is_refused(open_dir: Path) -> None:
+    spool = make_spool(open_dir)  # no userid: the table turns the jail off
+    table = spool.table
+    table.write_text(table.read_text().replace("smap: jail off\n", ""))
+    proc = subprocess.run(
+        [program("smap"), "-t", str(table)], input=b"QUIT\r\n", capture_output=True, timeout=30
+    )
+    assert proc.stdout.startswith(b"421 4.3.0 ")
+    assert proc.returncode == 77
+    assert b"userid is not set" in proc.stderr
+
+
+@pytest.fixture
+def syslog_socket() -> Iterator[list[bytes]]:
+    """A real datagram socket at /dev/log, standing in for syslogd."""
+    if os.path.exists("/dev/log"):
+        pytest.skip("/dev/log belongs to a running syslog daemon")
+    sock = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)
+    sock.bind("/dev/log")
+    lines: list[bytes] = []
+    stop = threading.Event()
+
+    def pump() -> None:
+        sock.settimeout(0.1)
+        while not stop.is_set():
+            try:
+                lines.append(sock.recv(4096))
+            except TimeoutError:
+                continue
+
+    thread = threading.Thread(target=pump)
+    thread.start()
+    try:
+        yield lines
+    finally:
+        stop.set()
+        thread.join()
+        sock.close()
+        os.unlink("/dev/log")
+
+
+def test_syslog_lines_like_smap(rig: Rig, syslog_socket: list[bytes]) -> None:
+    c = rig.client()
+    c.cmd(b"HELO bigco.com")
+    c.cmd(b"MAIL FROM:<root@bigco.com>")
+    c.cmd(b"RCPT TO:<a@bigco.com>")
+    c.cmd(b"RCPT TO:<b@bigco.com>")
+    c.cmd(b"DATA")
+    qid = c.cmd(b"This is a test.\r\n.").split()[-1].decode()
+    c.cmd(b"MAIL FROM:<-x@y.z>")
+    c.cmd(b"VRFY root")
+    c.cmd(b"QUIT")
+    assert c.eof()
+    text = b"\n".join(syslog_socket).decode()
+    mail_info = f"<{2 * 8 + 6}>"  # LOG_MAIL | LOG_INFO
+    assert f"{mail_info}" in text
+    assert "smap[" in text
+    assert "connect host=unknown/127.0.0.1" in text
+    for rcpt in ("a@bigco.com", "b@bigco.com"):
+        line = f"host=unknown/127.0.0.1 bytes=17 from=<root@bigco.com> to=<{rcpt}> id={qid}"
+        assert line in text
+    assert "securityalert: reject host=unknown/127.0.0.1 code=553" in text
+    assert "VRFY root (unknown/127.0.0.1)" in text
+    assert "exiting host=unknown/127.0.0.1 messages=1 bytes=17 reason=quit" in text
+
+
+@pytest.fixture
+def tiny_fs(open_dir: Path) -> Iterator[Path]:
+    mnt = open_dir / "tiny"
+    mnt.mkdir()
+    done = subprocess.run(["mount", "-t", "tmpfs", "-o", "size=4m,mode=0755", "tmpfs", str(mnt)])
+    if done.returncode != 0:
+        pytest.skip("cannot mount a tmpfs here")
+    try:
+        yield mnt
+    finally:
+        subprocess.run(["umount", "-l", str(mnt)], check=False)
+
+
+def test_disk_full_is_452_and_nothing_is_half_stored(
+    rig_factory: Callable[..., Rig], tiny_fs: Path
+) -> None:
+    spool = make_spool(tiny_fs, user="nobody")
+    rig = rig_factory(spool=spool)
+    c = rig.client()
+    c.cmd(b"EHLO c")
+    filler = tiny_fs / "filler"
+    with filler.open("wb") as fh:
+        try:
+            while True:
+                fh.write(b"\0" * 65536)
+                fh.flush()
+        except OSError:
+            pass
+    os.truncate(filler, filler.stat().st_size - 256 * 1024)  # room for the WAL index only
+    body = b"".join(b"%07d " % i + b"z" * 70 + b"\r\n" for i in range(8000))  # 624 kB
+    c.cmd(b"MAIL FROM:<a@b.c>")
+    c.cmd(b"RCPT TO:<d@e.f>")
+    c.cmd(b"DATA")
+    assert c.cmd(body + b".") == R.R452_NO_SPACE
+    filler.unlink()
+    c.cmd(b"MAIL FROM:<a@b.c>")
+    c.cmd(b"RCPT TO:<d@e.f>")
+    c.cmd(b"DATA")
+    assert c.cmd(body + b".").startswith(b"250 ")
+    c.cmd(b"QUIT")
+    assert c.eof()
+    assert rig.rows("SELECT count(*), sum(size) FROM messages") == [(1, len(body))]
+    assert rig.rows("SELECT code FROM events WHERE kind = 'reject'") == [(452,)]
