@@ -19,6 +19,7 @@ from .common import State
 from .deliver import deliver_cmd
 from .importspool import import_spool_cmd
 from .queue import queue_group
+from .receive import receive_cmd
 from .report import report_group
 
 
@@ -40,6 +41,7 @@ def cli(ctx: click.Context, table: str | None) -> None:
 cli.add_command(init_cmd)
 cli.add_command(check_config_cmd)
 cli.add_command(db_group)
+cli.add_command(receive_cmd)
 cli.add_command(deliver_cmd)
 cli.add_command(report_group)
 cli.add_command(queue_group)
