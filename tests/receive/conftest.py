@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import os
 import sqlite3
+import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
 
@@ -31,7 +32,18 @@ class Rig:
             assert greeting.startswith(b"220 "), greeting
         return c
 
-    def rows(self, sql: str, *args: object) -> list[tuple[object, ...]]:
+    def idle(self, timeout: float = 20) -> None:
+        """Wait until no receiver runs: the client sees EOF before the session's last
+        audit events are committed, by design (the client is let go first)."""
+        deadline = time.monotonic() + timeout
+        while self.server.children(running=True):
+            assert time.monotonic() < deadline, "a receiver did not exit"
+            time.sleep(0.01)
+
+    def rows(self, sql: str, *args: object, wait: bool = True) -> list[tuple[object, ...]]:
+        """Query the queue database, after every receiver has exited (unless ``wait``)."""
+        if wait:
+            self.idle()
         with sqlite3.connect(f"file:{self.spool.db}?mode=ro", uri=True) as db:
             return list(db.execute(sql, args))
 

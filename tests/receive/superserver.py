@@ -78,8 +78,8 @@ class SuperServer:
     def connect(self, timeout: float = 30) -> socket.socket:
         return socket.create_connection(("127.0.0.1", self.port), timeout=timeout)
 
-    def children(self) -> list[int]:
-        """Pids of the receivers the super-server has running now."""
+    def children(self, running: bool = False) -> list[int]:
+        """Pids of the super-server's children (``running``: zombies left out)."""
         pids = []
         for entry in os.listdir("/proc"):
             if not entry.isdigit():
@@ -88,8 +88,8 @@ class SuperServer:
                 stat = Path(f"/proc/{entry}/stat").read_text()
             except OSError:
                 continue
-            ppid = int(stat.rsplit(")", 1)[1].split()[1])
-            if ppid == self.proc.pid:
+            state, ppid = stat.rsplit(")", 1)[1].split()[:2]
+            if int(ppid) == self.proc.pid and not (running and state == "Z"):
                 pids.append(int(entry))
         return pids
 

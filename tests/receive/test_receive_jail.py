@@ -34,7 +34,7 @@ def open_session(rig: Rig) -> tuple[int, Client]:
     """Connect, say EHLO, and return the pid of the receiver serving us."""
     c = rig.client()
     assert c.cmd(b"EHLO c").startswith(b"250-")
-    (pid,) = rig.server.children()
+    (pid,) = rig.server.children(running=True)
     return pid, c
 
 

@@ -1,0 +1,247 @@
+"""Benchmark: smap spawned per connection by a real super-server (issue 3, "Speed").
+
+Prints, from one run:
+  * messages/s with one message per connection through openbsd-inetd (or
+    systemd-socket-activate), sequential and with one client per core;
+  * the receiver's spawn-to-banner time (exec of the installed ``smap`` on a socketpair
+    until the first byte of "220"), median of many runs;
+  * its ratio to ``<venv python> -I -S -c "import sqlite3"`` started the same way on the
+    same machine, interleaved with it (targets: ratio <= 1.5, >= 25 messages/s per core).
+
+Run it with the venv's interpreter by absolute path, from a non-editable install
+(scripts/venv makes one): an editable install adds a path finder that imports re,
+pathlib and enum on every start.
+
+    /path/venv/bin/python bench/receive_inetd.py [--messages 400] [--spawns 60]
+        [--server inetd|systemd-socket-activate] [--keep DIR]
+
+As root the receiver chroots into the spool and runs as nobody (production); otherwise
+the table turns the jail off.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import pwd
+import shutil
+import socket
+import sqlite3
+import statistics
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+from pathlib import Path
+
+BIN = Path(sys.executable).parent
+PYTHON = str(Path(sys.executable).absolute())
+INETD = "/usr/sbin/inetd"
+SOCKET_ACTIVATE = shutil.which("systemd-socket-activate") or "/usr/bin/systemd-socket-activate"
+
+BODY = (
+    b"From: bench@example.org\r\nTo: sink@example.net\r\nSubject: bench\r\n\r\n"
+    + b"A line of body text that is about seventy characters long, give or take.\r\n" * 40
+)
+MESSAGE = (
+    b"EHLO bench.example\r\nMAIL FROM:<bench@example.org> SIZE=%d\r\n"
+    b"RCPT TO:<sink@example.net>\r\nDATA\r\n" % len(BODY)
+)
+
+
+def editable_install() -> bool:
+    site = Path(sys.prefix) / "lib" / f"python{sys.version_info[0]}.{sys.version_info[1]}"
+    return any((site / "site-packages").glob("__editable__*smapq*"))
+
+
+def make_spool(root: Path, hostname: str) -> Path:
+    table = root / "netperm-table"
+    lines = [
+        f"smap, smapd: directory {root / 'spool'}",
+        f"smap: hostname {hostname}",
+        "smap: timeout 60",
+    ]
+    if os.geteuid() == 0:
+        lines.append("smap, smapd: userid nobody")
+    else:
+        lines.append("smap: jail off")
+    table.write_text("\n".join(lines) + "\n")
+    table.chmod(0o600)
+    subprocess.run(
+        [str(BIN / "smapq"), "-t", str(table), "init"], check=True, stdout=subprocess.DEVNULL
+    )
+    return table
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+def start_server(kind: str, table: Path, workdir: Path) -> tuple[subprocess.Popen[bytes], int]:
+    port = free_port()
+    smap = str(BIN / "smap")
+    if kind == "inetd":
+        user = pwd.getpwuid(os.geteuid()).pw_name
+        conf = workdir / "inetd.conf"
+        conf.write_text(
+            f"127.0.0.1:{port} stream tcp nowait.1000000 {user} {smap} smap -t {table}\n"
+        )
+        cmd = [INETD, "-i", str(conf)]
+    else:
+        cmd = [SOCKET_ACTIVATE, "--inetd", "-a", "-l", f"127.0.0.1:{port}", smap, "-t", str(table)]
+    proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    deadline = time.monotonic() + 10
+    while True:
+        try:
+            with socket.create_connection(("127.0.0.1", port), timeout=5) as s:
+                s.recv(100)  # this probe session costs one banner and no message
+                s.sendall(b"QUIT\r\n")
+                s.recv(100)
+            return proc, port
+        except OSError:
+            if time.monotonic() > deadline:
+                proc.kill()
+                raise
+            time.sleep(0.02)
+
+
+def read_until(sock: socket.socket, marker: bytes, buf: bytearray) -> None:
+    while marker not in buf:
+        chunk = sock.recv(65536)
+        if not chunk:
+            raise RuntimeError(f"connection closed before {marker!r}: {bytes(buf)!r}")
+        buf += chunk
+
+
+def one_message(port: int) -> float:
+    """Connect, send one message (RFC 2920 pipelining groups), QUIT; returns seconds."""
+    start = time.perf_counter()
+    with socket.create_connection(("127.0.0.1", port), timeout=30) as s:
+        buf = bytearray()
+        read_until(s, b"\r\n", buf)
+        s.sendall(MESSAGE)
+        read_until(s, b"\r\n354 ", buf)
+        s.sendall(BODY + b".\r\nQUIT\r\n")
+        read_until(s, b"\r\n221 ", buf)
+        if b"\r\n250 2.0.0 Mail accepted" not in buf:
+            raise RuntimeError(f"not accepted: {bytes(buf)!r}")
+        while s.recv(4096):  # the receiver closes when it has exited
+            pass
+    return time.perf_counter() - start
+
+
+def children_cpu(pid: int) -> float:
+    """CPU seconds of the super-server's reaped children (the receivers): cutime + cstime."""
+    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    return (int(fields[13]) + int(fields[14])) / os.sysconf("SC_CLK_TCK")
+
+
+def throughput(port: int, total: int, clients: int) -> float:
+    per = total // clients
+    errors: list[BaseException] = []
+
+    def worker() -> None:
+        try:
+            for _ in range(per):
+                one_message(port)
+        except BaseException as exc:  # reported below
+            errors.append(exc)
+
+    threads = [threading.Thread(target=worker) for _ in range(clients)]
+    start = time.perf_counter()
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    elapsed = time.perf_counter() - start
+    if errors:
+        raise errors[0]
+    return per * clients / elapsed
+
+
+def spawn_to_first_byte(argv: list[str], send_quit: bool) -> float:
+    a, b = socket.socketpair()
+    with a:
+        start = time.perf_counter()
+        proc = subprocess.Popen(argv, stdin=b, stdout=b, stderr=subprocess.DEVNULL, env={})
+        b.close()
+        if send_quit:
+            a.recv(1)
+            elapsed = time.perf_counter() - start
+            a.sendall(b"QUIT\r\n")
+        else:
+            proc.wait()
+            elapsed = time.perf_counter() - start
+        while a.recv(4096):
+            pass
+    proc.wait()
+    return elapsed
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--messages", type=int, default=400)
+    ap.add_argument("--spawns", type=int, default=60)
+    ap.add_argument("--server", choices=["inetd", "systemd-socket-activate"], default="inetd")
+    ap.add_argument("--keep", type=Path, help="work in DIR and keep it")
+    args = ap.parse_args()
+
+    work = args.keep or Path(tempfile.mkdtemp(prefix="smapq-bench-"))
+    work.mkdir(parents=True, exist_ok=True)
+    work.chmod(0o755)
+    cores = os.cpu_count() or 1
+    try:
+        table = make_spool(work, "bench.smapq.invalid")
+        smap = [str(BIN / "smap"), "-t", str(table)]
+        base = [PYTHON, "-I", "-S", "-c", "import sqlite3"]
+        spawn_to_first_byte(smap, True)  # warm the page cache
+        banner_times, base_times = [], []
+        for _ in range(args.spawns):
+            banner_times.append(spawn_to_first_byte(smap, True))
+            base_times.append(spawn_to_first_byte(base, False))
+        banner = statistics.median(banner_times)
+        baseline = statistics.median(base_times)
+
+        proc, port = start_server(args.server, table, work)
+        try:
+            one_message(port)
+            seq = throughput(port, max(args.messages // 4, 20), 1)
+            cpu_before = children_cpu(proc.pid)
+            par = throughput(port, args.messages, cores)
+            time.sleep(0.2)  # let the super-server reap the last receivers
+            cpu = (children_cpu(proc.pid) - cpu_before) / (args.messages // cores * cores)
+        finally:
+            proc.terminate()
+            proc.wait()
+        db_path = table.parent / "spool" / "smapq.db"
+        with sqlite3.connect(f"file:{db_path}?mode=ro", uri=True) as db:
+            stored = db.execute("SELECT count(*) FROM messages").fetchone()[0]
+    finally:
+        if not args.keep:
+            shutil.rmtree(work, ignore_errors=True)
+
+    jail = "chroot + nobody" if os.geteuid() == 0 else "jail off (not root)"
+    print(f"smapq receive bench: {args.server}, {cores} cores, {jail}, python {PYTHON}")
+    if editable_install():
+        print("WARNING: editable install: its import finder slows every start; use scripts/venv")
+    print(f"  message: {len(BODY)} body bytes, 1 recipient, 1 message per connection")
+    print(f"  messages/s, 1 client:           {seq:8.1f}")
+    print(
+        f"  messages/s, {cores} clients:          {par:8.1f}   per core: {par / cores:.1f}"
+        "   (target >= 25)"
+    )
+    print(
+        f"  receiver CPU per message:       {cpu * 1000:8.2f} ms   -> {1 / cpu:.0f} messages/s"
+        " per core if the CPU were all smap's"
+    )
+    print(f"  messages stored:                {stored:8d}")
+    print(f"  spawn-to-banner (median of {args.spawns}): {banner * 1000:7.2f} ms")
+    print(f"  baseline python -I -S -c 'import sqlite3': {baseline * 1000:7.2f} ms")
+    print(f"  ratio:                          {banner / baseline:8.2f}   (target <= 1.5)")
+
+
+if __name__ == "__main__":
+    main()
