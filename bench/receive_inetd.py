@@ -166,7 +166,9 @@ def spawn_to_first_byte(argv: list[str], send_quit: bool) -> float:
     a, b = socket.socketpair()
     with a:
         start = time.perf_counter()
-        proc = subprocess.Popen(argv, stdin=b, stdout=b, stderr=subprocess.DEVNULL, env={})
+        proc = subprocess.Popen(
+            argv, stdin=b.fileno(), stdout=b.fileno(), stderr=subprocess.DEVNULL, env={}
+        )
         b.close()
         if send_quit:
             a.recv(1)
