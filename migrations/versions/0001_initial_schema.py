@@ -35,8 +35,8 @@ def upgrade() -> None:
     )
     with op.batch_alter_table("events", schema=None) as batch_op:
         batch_op.create_index("ix_events_at", ["at"], unique=False)
-        batch_op.create_index("ix_events_client_addr", ["client_addr", "at"], unique=False)
         batch_op.create_index("ix_events_kind_at", ["kind", "at"], unique=False)
+        batch_op.create_index("ix_events_kind_client", ["kind", "client_addr", "at"], unique=False)
         batch_op.create_index("ix_events_queue_id", ["queue_id"], unique=False)
         batch_op.create_index("ix_events_session_id", ["session_id"], unique=False)
 
@@ -75,12 +75,22 @@ def upgrade() -> None:
         sa.UniqueConstraint("queue_id", name=op.f("uq_messages_queue_id")),
     )
     with op.batch_alter_table("messages", schema=None) as batch_op:
-        batch_op.create_index("ix_messages_client_addr", ["client_addr"], unique=False)
-        batch_op.create_index("ix_messages_delivered_at", ["delivered_at"], unique=False)
+        batch_op.create_index(
+            "ix_messages_client_addr", ["client_addr", "received_at", "size"], unique=False
+        )
+        batch_op.create_index(
+            "ix_messages_delivered_at", ["delivered_at", "received_at"], unique=False
+        )
         batch_op.create_index("ix_messages_due", ["state", "next_attempt_at"], unique=False)
+        batch_op.create_index("ix_messages_id_cover", ["id", "received_at", "size"], unique=False)
         batch_op.create_index("ix_messages_lease", ["state", "lease_expires_at"], unique=False)
-        batch_op.create_index("ix_messages_mail_from", ["mail_from"], unique=False)
+        batch_op.create_index(
+            "ix_messages_mail_from", ["mail_from", "received_at", "size"], unique=False
+        )
         batch_op.create_index("ix_messages_received_at", ["received_at"], unique=False)
+        batch_op.create_index(
+            "ix_messages_state_received", ["state", "received_at", "size"], unique=False
+        )
 
     op.create_table(
         "recipients",
@@ -99,7 +109,7 @@ def upgrade() -> None:
         sa.PrimaryKeyConstraint("id", name=op.f("pk_recipients")),
     )
     with op.batch_alter_table("recipients", schema=None) as batch_op:
-        batch_op.create_index("ix_recipients_address", ["address"], unique=False)
+        batch_op.create_index("ix_recipients_address", ["address", "message_id"], unique=False)
         batch_op.create_index("ix_recipients_message_id", ["message_id", "position"], unique=True)
 
     # ### end Alembic commands ###
@@ -113,9 +123,11 @@ def downgrade() -> None:
 
     op.drop_table("recipients")
     with op.batch_alter_table("messages", schema=None) as batch_op:
+        batch_op.drop_index("ix_messages_state_received")
         batch_op.drop_index("ix_messages_received_at")
         batch_op.drop_index("ix_messages_mail_from")
         batch_op.drop_index("ix_messages_lease")
+        batch_op.drop_index("ix_messages_id_cover")
         batch_op.drop_index("ix_messages_due")
         batch_op.drop_index("ix_messages_delivered_at")
         batch_op.drop_index("ix_messages_client_addr")
@@ -125,7 +137,7 @@ def downgrade() -> None:
         batch_op.drop_index("ix_events_session_id")
         batch_op.drop_index("ix_events_queue_id")
         batch_op.drop_index("ix_events_kind_at")
-        batch_op.drop_index("ix_events_client_addr")
+        batch_op.drop_index("ix_events_kind_client")
         batch_op.drop_index("ix_events_at")
 
     op.drop_table("events")

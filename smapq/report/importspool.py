@@ -122,8 +122,9 @@ def parse(data: bytes) -> SpoolMessage:
         end = body.find(b"\n")
         while end >= 0 and body[end + 1 : end + 2] in (b" ", b"\t"):
             end = body.find(b"\n", end + 1)
-        head, body = (body, b"") if end < 0 else (body[:end], body[end + 1 :])
-        msg.trace = _text(head).replace("\r\n", "\n")
+        # trace keeps its own line endings: the deliverer sends trace + body verbatim.
+        head, body = (body, b"") if end < 0 else (body[: end + 1], body[end + 1 :])
+        msg.trace = _text(head)
         match = _RECEIVED.match(msg.trace)
         if match:
             msg.client_name = match.group(1) or None

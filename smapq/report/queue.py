@@ -185,12 +185,8 @@ def show(conn: Connection, queue_id: str) -> dict[str, Any]:
 
 
 def eml(trace: str, body: bytes) -> bytes:
-    """The message as delivered: smap's Received: trace, then the stored body."""
-    if not trace:
-        return body
-    eol = b"\r\n" if b"\r\n" in body[:4096] else b"\n"
-    lines = trace.replace("\r\n", "\n").rstrip("\n").split("\n")
-    return eol.join(line.encode("utf-8", "surrogateescape") for line in lines) + eol + body
+    """The message as the deliverer hands it to sendmail: the trace header, then the body."""
+    return trace.encode("utf-8", "surrogateescape") + body
 
 
 def export(engine: Engine, queue_id: str, destination: str, now: float) -> bytes:
