@@ -121,9 +121,11 @@ class Receiver:
         "session",
         "session_id",
         "settings",
+        "stalled",
         "syslog_on",
         "txn",
         "volume",
+        "wait",
     )
 
     def __init__(self) -> None:
@@ -140,6 +142,8 @@ class Receiver:
         self.message_cols: dict[str, object] = {}
         self.messages = 0
         self.volume = 0
+        self.wait: float | None = None  # smap: timeout, None for none (FWTK's 0)
+        self.stalled = False
 
     # --- logging ---
     def log(self, text: str, priority: int = syslog.LOG_INFO) -> None:
@@ -245,10 +249,17 @@ class Receiver:
 
     # --- the session ---
     def write(self, data: bytes) -> bool:
+        """Send ``data``; False when the client is gone or stopped reading for ``wait``."""
         view = memoryview(data)
         while view:
             try:
                 n = os.write(1, view)
+            except BlockingIOError:
+                # A client that sends but never reads would park us here for good.
+                if not select.select([], [1], [], self.wait)[1]:
+                    self.stalled = True
+                    return False
+                continue
             except OSError:
                 return False
             view = view[n:]
@@ -257,7 +268,9 @@ class Receiver:
     def serve(self) -> None:
         session, settings = self.session, self.settings
         assert session is not None and settings is not None
-        wait = float(settings.timeout) if settings.timeout > 0 else None
+        wait = self.wait = float(settings.timeout) if settings.timeout > 0 else None
+        if wait is not None:
+            os.set_blocking(1, False)  # so write() can time out (see there)
         ok = self.write(session.greeting())
         self.drain()
         while ok and not session.closed:
@@ -266,6 +279,8 @@ class Receiver:
                 break
             try:
                 data = os.read(0, READ_SIZE)
+            except BlockingIOError:
+                continue  # fd 0 shares fd 1's non-blocking mode; select said ready
             except OSError:
                 data = b""
             if not data:
@@ -278,7 +293,10 @@ class Receiver:
                 ok = self.write(out)
             self.drain()
         if not session.closed:
-            session.eof()
+            if self.stalled:
+                session.eof("client stopped reading replies")
+            else:
+                session.eof()
         self.drain()
         # Everything the client is owed has been said: let it go before the database
         # work that remains (audit events; the WAL checkpoint when we close last).

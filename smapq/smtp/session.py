@@ -202,10 +202,9 @@ class Session:
         self._close("timeout")
         return self._r(R.R421_TIMEOUT % self.hostname)
 
-    def eof(self) -> None:
-        """The client went away (or the driver gives up on it)."""
+    def eof(self, detail: str = "peer dropped connection") -> None:
+        """The client went away, or the driver gives up on it (``detail`` says why)."""
         if self._state != _CLOSED:
-            detail = "peer dropped connection"
             if self.in_data:
                 detail += " in DATA"
             self._close(detail)

@@ -283,3 +283,38 @@ def test_database_busy_is_451_and_the_session_goes_on(rig: Rig) -> None:
     assert c.eof()
     assert rig.rows("SELECT body FROM messages") == [(b"two\r\n",)]
     assert rig.rows("SELECT code FROM events WHERE kind = 'reject'") == [(451,)]
+
+
+def test_client_that_never_reads_is_dropped(rig_factory: Callable[..., Rig]) -> None:
+    rig = rig_factory("smap: timeout 1\n")
+    c = rig.client()
+    c.sock.settimeout(2)
+    flood = b"HELO x\r\n" * 8192  # neither junk nor errors: only the replies pile up
+    try:
+        for _ in range(2000):
+            c.sock.sendall(flood)
+    except TimeoutError:
+        pass  # both sides' buffers are full: smap is blocked writing to us
+    except (ConnectionResetError, BrokenPipeError):
+        pass  # smap already gave up on us
+    rig.idle()  # it gave up after its timeout instead of waiting for us forever
+    assert rig.rows("SELECT detail FROM events WHERE kind = 'disconnect'") == [
+        ("client stopped reading replies",)
+    ]
+
+
+def test_accepted_message_survives_later_errors_in_the_session(
+    rig_factory: Callable[..., Rig],
+) -> None:
+    rig = rig_factory("smap: maxerrors 2\n")
+    c = rig.client()
+    c.cmd(b"HELO c")
+    c.cmd(b"MAIL FROM:<a@b.c>")
+    c.cmd(b"RCPT TO:<d@e.f>")
+    c.cmd(b"DATA")
+    assert c.cmd(b"kept\r\n.").startswith(b"250 ")
+    c.cmd(b"BOGUS")
+    assert c.cmd(b"BOGUS") == R.plain(R.R500_UNRECOGNIZED)
+    assert c.reply().startswith(b"421 ")
+    assert c.eof()
+    assert rig.rows("SELECT body, state FROM messages") == [(b"kept\r\n", "received")]

@@ -7,6 +7,7 @@ import pwd
 import socket
 import subprocess
 import threading
+import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
 
@@ -142,6 +143,11 @@ def test_syslog_lines_like_smap(rig: Rig, syslog_socket: list[bytes]) -> None:
     c.cmd(b"VRFY root")
     c.cmd(b"QUIT")
     assert c.eof()
+    rig.idle()
+    deadline = time.monotonic() + 10  # the pump thread may still be reading datagrams
+    while not any(b"exiting" in line for line in syslog_socket):
+        assert time.monotonic() < deadline, syslog_socket
+        time.sleep(0.01)
     text = b"\n".join(syslog_socket).decode()
     mail_info = f"<{2 * 8 + 6}>"  # LOG_MAIL | LOG_INFO
     assert f"{mail_info}" in text
