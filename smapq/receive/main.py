@@ -63,6 +63,11 @@ if TYPE_CHECKING:
     from smapq.smtp.session import Envelope
 
 USAGE = "usage: smap [-t netperm-table]\n"
+HELP = (
+    USAGE + "\nThe SMTP receiver, started by inetd per connection with the socket on fd 0/1.\n"
+    "-t PATH  the netperm-table (default: $SMAPQ_TABLE, else "
+    "/usr/local/etc/netperm-table)\n"
+)
 READ_SIZE = 65536
 _NOTICE_KINDS = ("reject", "timeout")
 
@@ -377,8 +382,11 @@ def run(argv: list[str]) -> int:
     try:
         table = _parse_args(argv)
     except ValueError as exc:
-        _say(f"smap: {exc}\n{USAGE}".strip() if str(exc) else USAGE.strip())
-        return EX_USAGE if str(exc) else 0
+        if not str(exc):  # --help
+            os.write(1, HELP.encode())
+            return 0
+        _say(f"smap: {exc}\n{USAGE}".strip())
+        return EX_USAGE
     rx = Receiver()
     try:
         rx.start(table)
