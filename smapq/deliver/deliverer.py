@@ -126,6 +126,10 @@ class Tally:
         return " ".join(f"{k}={getattr(self, k)}" for k in self.__slots__)
 
 
+def _noted(_signum: int, _frame: FrameType | None) -> None:
+    """Python-level handler: nothing to do, the wakeup pipe carries the signal."""
+
+
 def new_owner() -> str:
     """A lease owner name unique to this process: host, pid and some randomness."""
     return f"{socket.gethostname()[:80]}:{os.getpid()}:{os.urandom(4).hex()}"
@@ -157,28 +161,54 @@ class Deliverer:
         self.inflight: dict[int, Job] = {}
         self.workers: list[threading.Thread] = []
         self.stop_requests = 0
+        self.stops_seen = 0
         self.hup = False
         self._conn: Connection | None = None
+        self._sigpipe: tuple[int, int] | None = None
+        self._old_wakeup = -1
 
     # --- signals -----------------------------------------------------------------
 
-    def _on_stop(self, signum: int, _frame: FrameType | None) -> None:
-        self.stop_requests += 1
-
-    def _on_hup(self, _signum: int, _frame: FrameType | None) -> None:
-        self.hup = True
+    # Signals are read from a self-pipe (signal.set_wakeup_fd), not acted on in Python
+    # handlers: CPython runs handlers only in the main thread, and a signal the kernel
+    # hands to a worker thread can sit unnoticed while the main thread waits (seen as a
+    # lost SIGTERM under load). The C-level handler writes the signal number to the
+    # pipe at once, whichever thread took it; the loop reads the pipe every tick.
 
     def _install_signals(self) -> dict[int, Any]:
         if threading.current_thread() is not threading.main_thread():
             return {}
+        read_fd, write_fd = os.pipe()
+        os.set_blocking(read_fd, False)
+        os.set_blocking(write_fd, False)
+        self._sigpipe = (read_fd, write_fd)
+        self._old_wakeup = signal.set_wakeup_fd(write_fd, warn_on_full_buffer=False)
         old: dict[int, Any] = {}
-        for signum, handler in (
-            (signal.SIGTERM, self._on_stop),
-            (signal.SIGINT, self._on_stop),
-            (signal.SIGHUP, self._on_hup),
-        ):
-            old[signum] = signal.signal(signum, handler)
+        for signum in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP):
+            old[signum] = signal.signal(signum, _noted)
         return old
+
+    def _restore_signals(self, old: dict[int, Any]) -> None:
+        for signum, handler in old.items():
+            signal.signal(signum, handler)
+        if self._sigpipe is not None:
+            signal.set_wakeup_fd(self._old_wakeup)
+            for fd in self._sigpipe:
+                os.close(fd)
+            self._sigpipe = None
+
+    def _poll_signals(self) -> None:
+        if self._sigpipe is None:
+            return
+        try:
+            got = os.read(self._sigpipe[0], 512)
+        except BlockingIOError:
+            return
+        for signum in got:
+            if signum == signal.SIGHUP:
+                self.hup = True
+            elif signum in (signal.SIGTERM, signal.SIGINT):
+                self.stop_requests += 1
 
     # --- the loop ----------------------------------------------------------------
 
@@ -198,8 +228,7 @@ class Deliverer:
             for worker in self.workers:
                 worker.join()
             self._conn.close()
-            for signum, handler in old.items():
-                signal.signal(signum, handler)
+            self._restore_signals(old)
         return self.tally
 
     def _loop(self) -> None:
@@ -208,6 +237,7 @@ class Deliverer:
         kicked = True
         while True:
             kicked |= self._drain_results()
+            self._poll_signals()
             if self.hup:
                 self.hup = False
                 self._reload()
@@ -309,9 +339,17 @@ class Deliverer:
             if job is None:
                 continue
             self._record(job, Verdict(RELEASE, "released at shutdown before it started"))
-        if self.stop_requests > 1:
-            for job in self.inflight.values():
-                job.abort.set()
+        if self.stop_requests != self.stops_seen:
+            self.stops_seen = self.stop_requests
+            if self.stop_requests == 1 and self.inflight:
+                self.log.info(
+                    "stopping: letting %d running sendmail(s) finish; signal again to abort",
+                    len(self.inflight),
+                )
+            elif self.stop_requests > 1:
+                self.log.info("aborting %d running sendmail(s)", len(self.inflight))
+                for job in self.inflight.values():
+                    job.abort.set()
 
     def _reload(self) -> None:
         if self.reload is None:

@@ -41,7 +41,7 @@ def run(table: str, once: bool, debug: bool = False) -> int:
         change.close()
         engine.dispose()
     logger.log(20 if once or debug else 10, "done: %s", tally)
-    if tally.bad or tally.deferred or tally.lost:
+    if once and (tally.bad or tally.deferred or tally.lost):
         raise Incomplete(
             f"deliver --once: {tally.bad} bad, {tally.deferred} deferred, "
             f"{tally.lost} lost their lease, {tally.delivered} delivered",

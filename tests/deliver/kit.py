@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import os
 import shutil
 import signal
 import subprocess
@@ -162,6 +163,7 @@ class Queue:
             stdout=subprocess.PIPE,
             stderr=subprocess.PIPE,
             text=True,
+            env={**os.environ, "PYTHONFAULTHANDLER": "1"},
         )
 
 
@@ -183,6 +185,33 @@ def wait_for(predicate: Callable[[], Any], timeout: float = 60.0, what: str = ""
 
 
 def stop(proc: subprocess.Popen[str], sig: int = signal.SIGTERM) -> tuple[int, str]:
+    """Signal a daemon and collect its exit status and log; a hang dumps its threads."""
     proc.send_signal(sig)
-    _, err = proc.communicate(timeout=60)
+    try:
+        _, err = proc.communicate(timeout=60)
+    except subprocess.TimeoutExpired:
+        status = Path(f"/proc/{proc.pid}/status").read_text()
+        sigs = "".join(line + "\n" for line in status.splitlines() if line.startswith("Sig"))
+        for task in Path(f"/proc/{proc.pid}/task").iterdir():
+            blk = [ln for ln in (task / "status").read_text().splitlines() if "SigBlk" in ln]
+            sigs += f"task {task.name} {blk}\n"
+        proc.send_signal(signal.SIGABRT)  # PYTHONFAULTHANDLER: every thread's stack
+        _, err = proc.communicate(timeout=60)
+        raise AssertionError(f"daemon did not stop:\n{sigs}{err}") from None
     return proc.returncode, err
+
+
+_LOGS: dict[int, str] = {}
+
+
+def peek_log(proc: subprocess.Popen[str]) -> str:
+    """What a daemon has logged on stderr so far (reads without blocking)."""
+    assert proc.stderr is not None
+    fd = proc.stderr.fileno()
+    os.set_blocking(fd, False)
+    try:
+        chunk = os.read(fd, 65536)
+    except BlockingIOError:
+        chunk = b""
+    _LOGS[proc.pid] = _LOGS.get(proc.pid, "") + chunk.decode()
+    return _LOGS[proc.pid]
