@@ -286,7 +286,9 @@ def cases(now: float) -> Iterator[tuple[str, Callable[[Any], None]]]:
     ) -> Callable[[Any], None]:
         return lambda conn: emit(fn(conn, reports.Window(since, None, now), **kw))
 
-    for label, since in (("all", None), ("30d", now - 30 * DAY), ("1d", now - DAY)):
+    windows = (("all", None), ("30d", 30), ("15d", 15), ("7d", 7), ("1d", 1))
+    for label, days in windows:
+        since = None if days is None else now - days * DAY
         for name, fn in (
             *reports.REPORTS.items(),
             ("latency", reports.latency),

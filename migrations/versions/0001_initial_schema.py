@@ -87,7 +87,7 @@ def upgrade() -> None:
         batch_op.create_index(
             "ix_messages_mail_from", ["mail_from", "received_at", "size"], unique=False
         )
-        batch_op.create_index("ix_messages_received_at", ["received_at"], unique=False)
+        batch_op.create_index("ix_messages_received_at", ["received_at", "size"], unique=False)
         batch_op.create_index(
             "ix_messages_state_received", ["state", "received_at", "size"], unique=False
         )

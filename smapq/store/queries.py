@@ -462,27 +462,37 @@ def report_top_senders(
 # SQLAlchemy renders no FROM hints for SQLite, so the recipient joins are text: they
 # read (received_at, size) through ix_messages_id_cover instead of the table rows,
 # whose inline bodies made 1.3M lookups take seconds.
-# CROSS JOIN fixes SQLite's join order: a narrow window is driven from the messages
-# received in it, a wide one from the recipients index (grouped in address order).
-_RCPT_TOP_IN_WINDOW = """
-SELECT r.address, count(*) AS n, sum(m.size) AS bytes
-FROM {join}
+# CROSS JOIN fixes SQLite's join order. A narrow window is driven from the messages
+# received in it; a wide one is counted by complement: per-address totals straight from
+# ix_recipients_address, minus the recipients of the (few) messages outside the window.
+_RCPT_TOP_INSIDE = """
+SELECT r.address, count(*) AS n
+FROM messages AS m {hint} CROSS JOIN recipients AS r ON r.message_id = m.id
 WHERE m.received_at >= :since AND m.received_at < :until
 GROUP BY r.address ORDER BY n DESC, r.address LIMIT :top
 """
-_RCPT_FROM_MESSAGES = "messages AS m {hint} CROSS JOIN recipients AS r ON r.message_id = m.id"
-_RCPT_FROM_RECIPIENTS = "recipients AS r CROSS JOIN messages AS m {hint} ON m.id = r.message_id"
+_RCPT_TOP_BY_COMPLEMENT = """
+WITH outside AS (
+  SELECT r.address AS address FROM messages AS m {hint} CROSS JOIN recipients AS r
+    ON r.message_id = m.id WHERE m.received_at < :since
+  UNION ALL
+  SELECT r.address FROM messages AS m {hint} CROSS JOIN recipients AS r
+    ON r.message_id = m.id WHERE m.received_at >= :until
+), gone AS (SELECT address, count(*) AS n FROM outside GROUP BY address),
+total AS (SELECT address, count(*) AS n FROM recipients GROUP BY address)
+SELECT total.address, total.n - coalesce(gone.n, 0) AS n
+FROM total LEFT JOIN gone ON gone.address = total.address
+WHERE total.n > coalesce(gone.n, 0)
+ORDER BY n DESC, total.address LIMIT :top
+"""
 _RCPT_BYTES = """
 SELECT r.address, sum(m.size) AS bytes
-FROM recipients AS r JOIN messages AS m {hint} ON m.id = r.message_id
-WHERE r.address IN :addresses GROUP BY r.address
+FROM recipients AS r {cross} messages AS m {hint} ON m.id = r.message_id
+WHERE r.address IN :addresses AND m.received_at >= :since AND m.received_at < :until
+GROUP BY r.address
 """
 _NO_LOWER = -1.0
 _NO_UPPER = 1e18
-
-
-def _id_cover_hint(conn: Connection) -> str:
-    return "INDEXED BY ix_messages_id_cover" if conn.dialect.name == "sqlite" else ""
 
 
 def report_top_recipients(
@@ -490,45 +500,40 @@ def report_top_recipients(
 ) -> list[Sequence[Any]]:
     """(recipient, messages, bytes), most messages first.
 
-    Without a window: rank from the recipients index alone, then add bytes for the
-    winners only. With one: a single join through the covering index.
+    Ranks by count with index-only plans (see the SQL above for the choice), then adds
+    bytes for the winners only, through ix_messages_id_cover.
     """
-    hint = _id_cover_hint(conn)
-    if since is not None or until is not None:
+    sqlite = conn.dialect.name == "sqlite"
+    params = {
+        "since": _NO_LOWER if since is None else since,
+        "until": _NO_UPPER if until is None else until,
+        "top": top,
+    }
+    r = recipients.c
+    n = func.count().label("n")
+    if since is None and until is None:
+        stmt: Any = (
+            select(r.address, n).group_by(r.address).order_by(n.desc(), r.address).limit(top)
+        )
+    else:
         m = messages.c
         inside = conn.execute(
             select(func.count()).where(*_window(m.received_at, since, until))
         ).scalar_one()
         everything = conn.execute(select(func.count()).select_from(messages)).scalar_one()
-        sqlite = conn.dialect.name == "sqlite"
-        if inside * 4 < everything:
-            join = _RCPT_FROM_MESSAGES.format(
-                hint="INDEXED BY ix_messages_received_at" if sqlite else ""
-            )
-        else:
-            join = _RCPT_FROM_RECIPIENTS.format(hint=hint)
-        if not sqlite:
-            join = join.replace("CROSS JOIN", "JOIN")
-        stmt = text(_RCPT_TOP_IN_WINDOW.format(join=join))
-        params = {
-            "since": _NO_LOWER if since is None else since,
-            "until": _NO_UPPER if until is None else until,
-            "top": top,
-        }
-        return [tuple(row) for row in conn.execute(stmt, params)]
-    r = recipients.c
-    n = func.count().label("n")
-    ranked = list(
-        conn.execute(
-            select(r.address, n).group_by(r.address).order_by(n.desc(), r.address).limit(top)
-        )
-    )
+        sql = _RCPT_TOP_INSIDE if inside * 2 <= everything else _RCPT_TOP_BY_COMPLEMENT
+        hint = "INDEXED BY ix_messages_received_at" if sqlite else ""
+        stmt = text(sql.format(hint=hint) if sqlite else sql.format(hint="").replace("CROSS ", ""))
+    ranked = [(str(a), int(c)) for a, c in conn.execute(stmt, params)]
     if not ranked:
         return []
-    by_bytes = text(_RCPT_BYTES.format(hint=hint)).bindparams(
-        bindparam("addresses", expanding=True)
-    )
-    found = conn.execute(by_bytes, {"addresses": [a for a, _ in ranked]})
+    by_bytes = text(
+        _RCPT_BYTES.format(
+            cross="CROSS JOIN" if sqlite else "JOIN",
+            hint="INDEXED BY ix_messages_id_cover" if sqlite else "",
+        )
+    ).bindparams(bindparam("addresses", expanding=True))
+    found = conn.execute(by_bytes, {**params, "addresses": [a for a, _ in ranked]})
     sizes: dict[str, int] = {str(a): int(b or 0) for a, b in found}
     return [(a, cnt, sizes.get(a, 0)) for a, cnt in ranked]
 

@@ -71,7 +71,7 @@ messages = Table(
 )
 Index("ix_messages_due", messages.c.state, messages.c.next_attempt_at)
 Index("ix_messages_lease", messages.c.state, messages.c.lease_expires_at)
-Index("ix_messages_received_at", messages.c.received_at)
+Index("ix_messages_received_at", messages.c.received_at, messages.c.size)
 # Report indexes are covering (see docs/reports.md): a lookup into the table itself
 # would read the inline body, which is what made per-row lookups slow.
 Index("ix_messages_mail_from", messages.c.mail_from, messages.c.received_at, messages.c.size)

@@ -1,0 +1,201 @@
+"""``smapq import-spool DIR`` on real FWTK smap spool files (layout from smap.c 1.6)."""
+
+from __future__ import annotations
+
+import fcntl
+import os
+import shutil
+from pathlib import Path
+
+from smapq.report import importspool
+from tests.report.conftest import Filled
+
+RECEIVED = (
+    b"Received: from mail.example.net(192.0.2.44) by fw.example.com via smap (V2.1)\n"
+    b"\tid smaA01234; Tue Nov  1 12:00:00 1994\n"
+)
+BODY = b"Subject: old mail\nFrom: a@example.net\n\nline one\n.\n..dots\nlast\n"
+
+
+def spool_file(
+    directory: Path,
+    name: str,
+    *,
+    sender: bytes = b"<a@example.net>",
+    rcpts: tuple[bytes, ...] = (b"<z@example.com>", b"<y@example.com>"),
+    body: bytes = RECEIVED + BODY,
+    mode: int = 0o700,
+    raw: bytes | None = None,
+) -> Path:
+    """A spool file as smap leaves it: RCPT lines in reverse order, 0700 when complete."""
+    path = directory / name
+    if raw is None:
+        raw = b"FROM " + sender + b"\n"
+        raw += b"".join(b"RCPT " + r + b"\n" for r in rcpts)
+        raw += b"BODY\n" + body
+    path.write_bytes(raw)
+    path.chmod(mode)
+    return path
+
+
+def rows(filled: Filled) -> list[tuple[object, ...]]:
+    with filled.engine.connect() as conn:
+        from sqlalchemy import text
+
+        return [
+            tuple(r)
+            for r in conn.execute(
+                text(
+                    "SELECT queue_id, state, mail_from, client_addr, client_name, trace, body, "
+                    "size FROM messages WHERE queue_id NOT LIKE 'M%' ORDER BY id"
+                )
+            )
+        ]
+
+
+def recipients_of(filled: Filled, qid: object) -> list[str]:
+    with filled.engine.connect() as conn:
+        from sqlalchemy import text
+
+        return [
+            str(a)
+            for (a,) in conn.execute(
+                text(
+                    "SELECT address FROM recipients r JOIN messages m ON m.id = r.message_id "
+                    "WHERE m.queue_id = :q ORDER BY position"
+                ),
+                {"q": qid},
+            )
+        ]
+
+
+def test_complete_file_is_imported_with_trace_apart_from_body(
+    filled: Filled, tmp_path: Path
+) -> None:
+    spool = tmp_path / "smap"
+    spool.mkdir()
+    spool_file(spool, "smaA01234")
+    result = filled.smapq("import-spool", str(spool))
+    assert "imported 1, already imported 0, left 0" in result.stderr
+    (row,) = rows(filled)
+    qid, state, sender, addr, name, trace, body, size = row
+    assert state == "received" and sender == "a@example.net"
+    assert (addr, name) == ("192.0.2.44", "mail.example.net")
+    assert trace == RECEIVED.decode()
+    assert body == BODY and size == len(BODY)
+    # smap wrote RCPT lines in reverse order; the import restores the SMTP order.
+    assert recipients_of(filled, qid) == ["y@example.com", "z@example.com"]
+    assert not (spool / "smaA01234").exists()
+    assert (spool / "imported" / "smaA01234").exists()
+    # What the deliverer will hand to sendmail is byte-for-byte the old spool's data.
+    export = filled.smapq("queue", "export", str(qid)).stdout
+    assert export.encode() == RECEIVED + BODY
+
+
+def test_rerun_imports_nothing_twice(filled: Filled, tmp_path: Path) -> None:
+    spool = tmp_path / "smap"
+    spool.mkdir()
+    original = spool_file(spool, "smaB00001").read_bytes()
+    filled.smapq("import-spool", str(spool))
+    again = filled.smapq("import-spool", str(spool))
+    assert "imported 0, already imported 0, left 0" in again.stderr
+    # A crash after the commit but before the move leaves the file in place: a re-run
+    # must recognise it (name + SHA-256) and only move it.
+    (spool / "smaB00001").write_bytes(original)
+    (spool / "smaB00001").chmod(0o700)
+    third = filled.smapq("import-spool", str(spool))
+    assert "imported 0, already imported 1" in third.stderr
+    assert len(rows(filled)) == 1
+    assert sorted(p.name for p in (spool / "imported").iterdir()) == ["smaB00001", "smaB00001.1"]
+
+
+def test_incomplete_locked_and_malformed_files_are_reported_and_left(
+    filled: Filled, tmp_path: Path
+) -> None:
+    spool = tmp_path / "smap"
+    spool.mkdir()
+    spool_file(spool, "smaINCOMPL", mode=0o600)
+    locked = spool_file(spool, "smaLOCKED1")
+    spool_file(spool, "smaNOFROM1", raw=b"RCPT <a@b>\nBODY\nx\n")
+    spool_file(spool, "smaNORCPT1", raw=b"FROM <a@b>\nBODY\nx\n")
+    spool_file(spool, "smaNOBODY1", raw=b"FROM <a@b>\nRCPT <c@d>\n")
+    spool_file(spool, "smaGOOD001")
+    (spool / ".smaHIDDEN").write_bytes(b"x")
+    (spool / "notsmap").write_bytes(b"x")
+    fd = os.open(locked, os.O_RDWR)
+    try:
+        fcntl.lockf(fd, fcntl.LOCK_EX)  # smap's lock_fd, held while it writes
+        result = filled.smapq("import-spool", str(spool), check=False)
+    finally:
+        os.close(fd)
+    assert result.returncode == 1
+    out = result.stdout
+    assert "smaINCOMPL: incomplete: mode 0600" in out
+    assert "smaLOCKED1: locked" in out
+    assert "smaNOFROM1: malformed: does not start with FROM" in out
+    assert "smaNORCPT1: malformed: no usable RCPT line" in out
+    assert "smaNOBODY1: malformed: no BODY line" in out
+    assert "imported 1, already imported 0, left 5" in result.stderr
+    assert "5 malformed" not in result.stderr and "3 malformed file(s)" in result.stderr
+    left = sorted(p.name for p in spool.iterdir() if p.is_file())
+    assert left == [
+        ".smaHIDDEN",
+        "notsmap",
+        "smaINCOMPL",
+        "smaLOCKED1",
+        "smaNOBODY1",
+        "smaNOFROM1",
+        "smaNORCPT1",
+    ]
+    # Once smap finishes (chmod 0700, unlock) the next run picks them up.
+    (spool / "smaINCOMPL").chmod(0o700)
+    later = filled.smapq("import-spool", str(spool), check=False)
+    assert "imported 2" in later.stderr
+
+
+def test_option_recipients_are_dropped_like_smapd(filled: Filled, tmp_path: Path) -> None:
+    spool = tmp_path / "smap"
+    spool.mkdir()
+    spool_file(spool, "smaDASH001", rcpts=(b"<-oQ/tmp/x>", b"<ok@example.com>"))
+    result = filled.smapq("import-spool", str(spool), "--verbose")
+    assert "dropped recipient(s) starting with '-': -oQ/tmp/x" in result.stdout
+    (row,) = rows(filled)
+    assert recipients_of(filled, row[0]) == ["ok@example.com"]
+
+
+def test_dry_run_changes_nothing(filled: Filled, tmp_path: Path) -> None:
+    spool = tmp_path / "smap"
+    spool.mkdir()
+    spool_file(spool, "smaDRY0001")
+    before = filled.fingerprint()
+    result = filled.smapq("import-spool", "--dry-run", str(spool))
+    assert "would import 1" in result.stderr
+    assert filled.fingerprint() == before
+    assert (spool / "smaDRY0001").exists() and not (spool / "imported").exists()
+
+
+def test_large_spool_shows_progress(filled: Filled, tmp_path: Path) -> None:
+    spool = tmp_path / "smap"
+    spool.mkdir()
+    first = spool_file(spool, "sma0000000")
+    for i in range(1, 1200):
+        shutil.copyfile(first, spool / f"sma{i:07d}")
+        (spool / f"sma{i:07d}").chmod(0o700)
+    result = filled.smapq("import-spool", str(spool))
+    assert "import-spool: 1200/1200 files" in result.stderr
+    assert "imported 1200" in result.stderr
+    assert filled.scalar("SELECT count(*) FROM messages WHERE queue_id NOT LIKE 'M%'") == 1200
+
+
+def test_missing_directory_is_one_line(filled: Filled, tmp_path: Path) -> None:
+    result = filled.smapq("import-spool", str(tmp_path / "nope"), check=False)
+    assert result.returncode == 64
+    assert result.stderr.strip().endswith("nope: not a directory")
+
+
+def test_parse_units() -> None:
+    msg = importspool.parse(b"FROM  <> SIZE=10\nRCPT <a@b>\n  RCPT <c@d>\nBODY\nno trace\n")
+    assert msg.mail_from == "" and msg.rcpts == ["c@d", "a@b"]
+    assert msg.trace == "" and msg.body == b"no trace\n"
+    assert importspool.address("<x@y> BODY=8BITMIME") == "x@y"
+    assert importspool.address("x@y") == "x@y"
