@@ -69,7 +69,6 @@ HELP = (
     "/usr/local/etc/netperm-table)\n"
 )
 READ_SIZE = 65536
-_NOTICE_KINDS = ("reject", "timeout")
 
 
 def _say(text: str) -> None:
@@ -230,6 +229,12 @@ class Receiver:
         from smapq.store.ids import new_session_id  # noqa: PLC0415  (pre-jail, lean)
 
         self.session_id = new_session_id()
+        if smap.database_is_url:
+            raise StoreError(
+                f"smap queues only into an SQLite file, not {smap.database.split(':')[0]}: URLs"
+                " (set 'smap: database' to a file name)",
+                R.R421_UNAVAILABLE,
+            )
         jail.enter(smap.directory, smap.jail, smap.userid, smap.groupid)
         self.queue = Queue(smap.database_in_jail)
         self.session = Session(self.hostname, smap.maxbytes, smap.maxrecip, smap.maxerrors)

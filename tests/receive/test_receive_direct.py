@@ -1,0 +1,82 @@
+"""The installed smap started directly (no super-server): options, refusals, $REMOTE_ADDR."""
+
+from __future__ import annotations
+
+import sqlite3
+import subprocess
+from pathlib import Path
+
+import pytest
+
+from smapq.errors import EX_CONFIG, EX_TEMPFAIL, EX_USAGE
+from tests.conftest import program
+from tests.receive.conftest import spool_for_receiver
+
+pytestmark = pytest.mark.integration
+
+SEED = b"HELO c\r\nMAIL FROM:<a@b.c>\r\nRCPT TO:<d@e.f>\r\nDATA\r\nhi\r\n.\r\nQUIT\r\n"
+
+
+def smap(
+    *args: str, stdin: bytes = b"", env: dict[str, str] | None = None
+) -> subprocess.CompletedProcess[bytes]:
+    return subprocess.run(
+        [program("smap"), *args], input=stdin, capture_output=True, timeout=60, env=env or {}
+    )
+
+
+def test_help_and_usage() -> None:
+    done = smap("--help")
+    assert done.returncode == 0
+    assert done.stdout.startswith(b"usage: smap [-t netperm-table]")
+    done = smap("--bogus")
+    assert done.returncode == EX_USAGE
+    assert b"unknown argument '--bogus'" in done.stderr
+    assert done.stdout == b""
+
+
+def test_bad_table_is_421_and_exit_78(tmp_path: Path) -> None:
+    table = tmp_path / "t"
+    table.write_text("smap: maxrecip many\n")
+    table.chmod(0o600)
+    done = smap("-t", str(table), stdin=b"QUIT\r\n")
+    assert done.stdout.startswith(b"421 4.3.0 ")
+    assert done.returncode == EX_CONFIG
+    assert b"fwtkcfgerr: " in done.stderr and b":1: maxrecip: " in done.stderr
+
+
+def test_table_writable_by_others_is_refused(tmp_path: Path) -> None:
+    table = tmp_path / "t"
+    table.write_text("smap: jail off\n")
+    table.chmod(0o666)
+    done = smap("-t", str(table))
+    assert done.returncode == EX_CONFIG
+    assert b"writable by group or others" in done.stderr
+
+
+def test_database_url_is_refused(open_dir: Path) -> None:
+    spool = spool_for_receiver(open_dir, "smap: database postgresql://db/smapq\n")
+    done = smap("-t", str(spool.table), stdin=b"QUIT\r\n")
+    assert done.stdout.startswith(b"421 4.3.0 ")
+    assert done.returncode == EX_TEMPFAIL
+
+
+def test_remote_addr_from_the_environment(open_dir: Path) -> None:
+    spool = spool_for_receiver(open_dir)
+    done = smap(
+        "-t", str(spool.table), stdin=SEED, env={"REMOTE_ADDR": "192.0.2.7", "REMOTE_PORT": "4242"}
+    )
+    assert done.returncode == 0, done.stderr
+    assert b"250 Mail accepted, queued as " in done.stdout
+    with sqlite3.connect(spool.db) as db:
+        assert db.execute("SELECT client_addr, client_port FROM messages").fetchall() == [
+            ("192.0.2.7", 4242)
+        ]
+        assert db.execute("SELECT DISTINCT client_addr FROM events").fetchall() == [("192.0.2.7",)]
+
+
+def test_smap_table_from_environment(open_dir: Path) -> None:
+    spool = spool_for_receiver(open_dir)
+    done = smap(stdin=SEED, env={"SMAPQ_TABLE": str(spool.table)})
+    assert done.returncode == 0, done.stderr
+    assert done.stdout.startswith(b"220 ")
