@@ -262,10 +262,11 @@ class Session:
 
     # --- replies, errors, events ---
     def _r(self, reply: bytes) -> bytes:
+        """RFC 2034: enhanced status codes only after they were advertised by EHLO."""
         return reply if self._esmtp else R.plain(reply)
 
     def _reply(self, reply: bytes) -> None:
-        self._out.append(reply if self._esmtp else R.plain(reply))
+        self._out.append(self._r(reply))
 
     def _reject(self, reply: bytes, reason: str, addr: str = "") -> None:
         """A refusal that is not the client's fault (no error count)."""
