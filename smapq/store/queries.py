@@ -135,7 +135,7 @@ def count_by_state(conn: Connection) -> dict[str, int]:
 # --- receiver ------------------------------------------------------------------------
 # The inetd receiver cannot pay for SQLAlchemy: it runs these statements through stdlib
 # sqlite3 as the strings in ``smapq/store/rendered.py``. ``receiver_sql()`` renders them
-# (SQLite, named parameters); tests/receive/test_rendered.py checks the file matches.
+# (SQLite, named parameters); tests/receive/test_receive_rendered.py checks the file matches.
 
 RECEIVER_STATEMENTS = {
     "INSERT_MESSAGE": insert_message_stmt,

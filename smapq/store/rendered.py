@@ -3,7 +3,7 @@
 Purpose: the inetd receiver runs on every SMTP connection and cannot import
 SQLAlchemy (270+ ms), yet all SQL is defined once, from the one schema.  These strings
 are ``queries.receiver_sql()`` (SQLite dialect, named parameters), pasted here;
-tests/receive/test_rendered.py fails when the two differ, and prints the new text.
+tests/receive/test_receive_rendered.py fails when the two differ, and prints the new text.
 
 Also here: the connection pragmas the receiver sets, the same as
 ``smapq.store.engine`` sets for SQLAlchemy writers (the test checks that too).
