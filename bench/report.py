@@ -111,8 +111,18 @@ def seed(path: str, n: int, body_cap: int, rng: random.Random) -> None:
     )
     chunk = 50_000
     t0 = time.time()
-    # Messages arrive in time order (ids and queue ids sort by receipt, as in production).
-    times = sorted(start + rng.random() * 30 * DAY for _ in range(n))
+    # Waiting mail is recent (within the retry horizon, mostly hours); everything else
+    # spreads over 30 days. Ids follow receipt order, as the receiver assigns them.
+    plan: list[tuple[float, str]] = []
+    for _ in range(n):
+        u = rng.random()
+        state = next(s for p, s in STATES if u < p)
+        if state in ("received", "held", "delivering"):
+            t = now - min(5 * DAY, rng.expovariate(1 / (6 * 3600)))
+        else:
+            t = start + rng.random() * 30 * DAY
+        plan.append((t, state))
+    plan.sort()
     db.execute("BEGIN")
     rcpt_total = ev_total = 0
     for base in range(0, n, chunk):
@@ -121,12 +131,7 @@ def seed(path: str, n: int, body_cap: int, rng: random.Random) -> None:
         e_rows: list[tuple[Any, ...]] = []
         for i in range(base, min(n, base + chunk)):
             mid = i + 1
-            u = rng.random()
-            state = next(s for p, s in STATES if u < p)
-            t = times[i]
-            if state in ("received", "held", "delivering"):
-                # Waiting mail is recent: within the retry horizon (5 days), mostly hours.
-                t = now - min(5 * DAY, rng.expovariate(1 / (6 * 3600)))
+            t, state = plan[i]
             qid = queue_id(t, mid)
             sid = f"S{mid:015d}"
             c = skewed(rng, len(clients), 2.0)

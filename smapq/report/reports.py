@@ -162,29 +162,37 @@ def _percentile(sorted_values: Sequence[float], p: float) -> float:
 
 
 def _latency_rows(rows: Iterable[Any], step: int) -> Iterator[tuple[Any, ...]]:
-    bucket: float | None = None
+    # A hot loop over every delivery in the window: no per-row function calls beyond
+    # the list append; a period is flushed when the first later delivery shows up.
+    start = 0.0
+    edge = -math.inf
     values: list[float] = []
-
-    def flush() -> tuple[Any, ...]:
-        values.sort()
-        return (
-            bucket,
-            len(values),
-            _percentile(values, 0.5),
-            _percentile(values, 0.9),
-            _percentile(values, 0.99),
-            values[-1],
-        )
-
+    append = values.append
     for delivered_at, seconds in rows:
-        start = float(delivered_at) // step * step
-        if start != bucket:
+        if delivered_at >= edge:
             if values:
-                yield flush()
-            bucket, values = start, []
-        values.append(float(seconds))
+                values.sort()
+                yield _period(start, values)
+            start = delivered_at // step * step
+            edge = start + step
+            values = []
+            append = values.append
+        append(seconds)
     if values:
-        yield flush()
+        values.sort()
+        yield _period(start, values)
+
+
+def _period(start: float, values: list[float]) -> tuple[Any, ...]:
+    """(period, n, p50, p90, p99, max) of one period's sorted latencies."""
+    return (
+        start,
+        len(values),
+        _percentile(values, 0.5),
+        _percentile(values, 0.9),
+        _percentile(values, 0.99),
+        values[-1],
+    )
 
 
 def latency(conn: Connection, w: Window, per: str | None = None) -> Report:
