@@ -28,8 +28,14 @@ def sh(venv: Path, *args: str, env: dict[str, str] | None = None) -> None:
 
 def reachable_by(user: str, *paths: Path) -> bool:
     pw = pwd.getpwnam(user)
-    probe = ["setpriv", f"--reuid={pw.pw_uid}", f"--regid={pw.pw_gid}", "--clear-groups",
-             "test", "-x"]
+    probe = [
+        "setpriv",
+        f"--reuid={pw.pw_uid}",
+        f"--regid={pw.pw_gid}",
+        "--clear-groups",
+        "test",
+        "-x",
+    ]
     return all(subprocess.run([*probe, str(p)], check=False).returncode == 0 for p in paths)
 
 
