@@ -75,36 +75,44 @@ def _supervise(
     os.set_blocking(stdin.fileno(), False)
     os.set_blocking(stdout.fileno(), False)
     sel.register(stdout, selectors.EVENT_READ)
+    # A pidfd becomes readable when the program exits: no polling for its exit.
+    pidfd = _pidfd(proc.pid)
+    if pidfd is not None:
+        sel.register(pidfd, selectors.EVENT_READ)
     if view:
         sel.register(stdin, selectors.EVENT_WRITE)
     else:
         stdin.close()
-    interrupted = False
+    interrupted = exited = False
     try:
-        while sel.get_map():
+        while not exited and (pidfd is not None or stdout in _files(sel) or stdin in _files(sel)):
             left = deadline - time.monotonic()
             if left <= 0 or (abort is not None and abort.is_set()):
                 interrupted = True
                 break
             events = sel.select(min(left, TICK))
             if not events and proc.poll() is not None:
-                break  # exited; a grandchild may still hold the pipe open
+                exited = True  # (no pidfd) exited; a grandchild may hold the pipe open
             for key, _ in events:
                 if key.fileobj is stdout:
-                    chunk = _read(stdout.fileno())
-                    if chunk is None:
-                        continue
-                    if not chunk:
+                    if not _take(stdout.fileno(), out, outputmax):
                         sel.unregister(stdout)
-                    elif len(out) < outputmax:
-                        out += chunk[: outputmax - len(out)]
-                else:
+                elif key.fileobj is stdin:
                     view = _write(stdin.fileno(), view)
                     if not view:
                         sel.unregister(stdin)
                         stdin.close()
+                else:
+                    exited = True
+        if exited and stdout in _files(sel):
+            # Whatever it wrote before exiting is in the pipe now; do not wait for a
+            # grandchild that inherited the pipe.
+            while _take(stdout.fileno(), out, outputmax, block=False):
+                pass
     finally:
         sel.close()
+        if pidfd is not None:
+            os.close(pidfd)
         with contextlib.suppress(OSError):
             stdin.close()
         stdout.close()
@@ -135,6 +143,30 @@ def _reap(
     if code < 0:
         return ChildResult(signal=-code, output=out)
     return ChildResult(status=code, output=out)
+
+
+def _files(sel: selectors.BaseSelector) -> list[object]:
+    return [key.fileobj for key in sel.get_map().values()]
+
+
+def _pidfd(pid: int) -> int | None:
+    try:
+        return os.pidfd_open(pid)
+    except (AttributeError, OSError):
+        return None
+
+
+def _take(fd: int, out: bytearray, outputmax: int, block: bool = True) -> bool:
+    """Read one chunk into ``out`` (bounded); False at end of file or, if not
+    ``block``, when nothing more is there right now."""
+    chunk = _read(fd)
+    if chunk is None:
+        return block
+    if not chunk:
+        return False
+    if len(out) < outputmax:
+        out += chunk[: outputmax - len(out)]
+    return True
 
 
 def _read(fd: int) -> bytes | None:
