@@ -21,7 +21,7 @@ from typing import Any
 from sqlalchemy import Connection
 
 from smapq.errors import UsageError
-from smapq.report.output import Column, Report
+from smapq.report.output import Column, Report, cell
 from smapq.store import queries, states
 
 DEFAULT_TOP = 20
@@ -85,8 +85,6 @@ def summary(conn: Connection, w: Window) -> Report:
         ),
         ("bad_in_window", queries.report_event_count(conn, "bad", w.since, w.until), "messages"),
     ]
-    from smapq.report.output import cell  # noqa: PLC0415  (avoid a cycle at import)
-
     report.rows = [(m, v, cell(_UNIT_SHOWN[u], v), u) for m, v, u in metrics]
     if w.since is not None or w.until is not None:
         report.notes.append(
