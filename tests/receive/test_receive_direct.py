@@ -80,3 +80,21 @@ def test_smap_table_from_environment(open_dir: Path) -> None:
     done = smap(stdin=SEED, env={"SMAPQ_TABLE": str(spool.table)})
     assert done.returncode == 0, done.stderr
     assert done.stdout.startswith(b"220 ")
+
+
+def test_broken_schema_is_451_not_a_traceback(open_dir: Path) -> None:
+    spool = spool_for_receiver(open_dir)
+    with sqlite3.connect(spool.db) as db:
+        db.execute("DROP TABLE recipients")
+    done = smap("-t", str(spool.table), stdin=SEED)
+    assert done.returncode == 0
+    lines = done.stdout.split(b"\r\n")
+    assert b"451 Error: queue file write error, try again later" in lines  # HELO: plain
+    assert lines[-2] == b"221 Closing connection"
+    assert b"Traceback" not in done.stdout + done.stderr
+    with sqlite3.connect(spool.db) as db:
+        assert db.execute("SELECT count(*) FROM messages").fetchone() == (0,)
+        assert db.execute(
+            "SELECT code, detail LIKE '%no such table: recipients%' FROM events"
+            " WHERE kind = 'reject'"
+        ).fetchall() == [(451, 1)]
