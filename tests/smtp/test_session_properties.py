@@ -94,3 +94,27 @@ def test_any_body_round_trips(lines: list[bytes], chunk: int) -> None:
     data = b"EHLO c\r\nMAIL FROM:<a@b.c>\r\nRCPT TO:<d@e.f>\r\nDATA\r\n" + wire + b".\r\n"
     run = drive([data[i : i + chunk] for i in range(0, len(data), chunk)])
     assert [e.body for e in run.envelopes] == [body]
+
+
+@settings(max_examples=200, deadline=None)
+@given(data=smtpish, outcomes=st.lists(st.booleans(), max_size=8))
+def test_storage_outcomes_in_any_order(data: bytes, outcomes: list[bool]) -> None:
+    from smapq.smtp import replies as R
+    from smapq.smtp.session import Session
+
+    s = Session("mx.example")
+    out = [s.greeting(), s.feed(data)]
+    stored = failed = 0
+    for ok in outcomes:
+        if s.pending is None:
+            break
+        if ok:
+            stored += 1
+            out.append(s.stored(f"Q{stored}"))
+        else:
+            failed += 1
+            out.append(s.store_failed(R.R451_STORE_FAILED, "busy"))
+    check_replies(b"".join(out))
+    kinds = [e[0] for e in s.events]
+    assert kinds.count("accept") == stored
+    assert sum(1 for e in s.events if e[0] == "reject" and e[1] == "busy") == failed
