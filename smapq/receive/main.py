@@ -55,6 +55,7 @@ from smapq.receive import jail
 from smapq.receive.queue import Queue, StoreError
 from smapq.smtp import replies as R
 from smapq.smtp.session import Session
+from smapq.store.ids import new_session_id
 
 TYPE_CHECKING = False
 if TYPE_CHECKING:
@@ -226,8 +227,6 @@ class Receiver:
         if smap.hostname:
             self.hostname = smap.hostname
         self.addr, self.port = jail.peer_address()
-        from smapq.store.ids import new_session_id  # noqa: PLC0415  (pre-jail, lean)
-
         self.session_id = new_session_id()
         if smap.database_is_url:
             raise StoreError(
