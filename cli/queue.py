@@ -101,12 +101,16 @@ def list_cmd(
 def _show_table(info: dict[str, Any], width: int) -> None:
     out = sys.stdout
     skip = {"recipients", "events", "headers"}
+    room = max(width - 18, 20) if width else 10**9
     for key, value in info.items():
-        if key not in skip:
-            text = output.cell("text", "-" if value is None else value)
-            out.write(
-                f"{key + ':':18}{output.fit(text, max(width - 18, 20) if width else 10**9)}\n"
-            )
+        if key in skip:
+            continue
+        # Multi-line values (the Received: trace) print one line each, indented.
+        lines = str("-" if value is None else value).replace("\r\n", "\n").split("\n")
+        lines = [line.replace("\t", "    ") for line in lines if line] or [""]
+        for n, line in enumerate(lines):
+            label = f"{key}:" if n == 0 else ""
+            out.write(f"{label:18}{output.fit(output.cell('text', line), room)}\n")
     sections: list[tuple[str, list[output.Column], list[tuple[Any, ...]]]] = [
         (
             "recipients",

@@ -36,7 +36,9 @@ def upgrade() -> None:
     with op.batch_alter_table("events", schema=None) as batch_op:
         batch_op.create_index("ix_events_at", ["at"], unique=False)
         batch_op.create_index("ix_events_kind_at", ["kind", "at"], unique=False)
-        batch_op.create_index("ix_events_kind_client", ["kind", "client_addr", "at"], unique=False)
+        batch_op.create_index(
+            "ix_events_kind_client", ["kind", "client_addr", "at", "code"], unique=False
+        )
         batch_op.create_index("ix_events_queue_id", ["queue_id"], unique=False)
         batch_op.create_index("ix_events_session_id", ["session_id"], unique=False)
 

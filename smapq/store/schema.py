@@ -116,5 +116,5 @@ events = Table(
 Index("ix_events_at", events.c.at)
 Index("ix_events_kind_at", events.c.kind, events.c.at)
 Index("ix_events_queue_id", events.c.queue_id)
-Index("ix_events_kind_client", events.c.kind, events.c.client_addr, events.c.at)
+Index("ix_events_kind_client", events.c.kind, events.c.client_addr, events.c.at, events.c.code)
 Index("ix_events_session_id", events.c.session_id)
