@@ -1,14 +1,19 @@
-"""Run one sendmail: argv only, stdin fed byte-exact, output bounded, a hard deadline.
+"""Run one sendmail: argv only, stdin byte-exact, output bounded, a hard deadline.
 
-Purpose: start the delivery program in its own process group, write the message to
-its stdin, keep at most ``outputmax`` bytes of what it prints (stdout and stderr
-merged, the rest is read and dropped so the child never blocks on a full pipe), and
-kill the whole group at the deadline or when asked to abort (shutdown).
+Purpose: start the delivery program in its own process group with the message as its
+stdin, keep at most ``outputmax`` bytes of what it prints (stdout and stderr merged;
+the rest is read and dropped so the child never blocks on a full pipe), and kill the
+whole group at the deadline or when asked to abort (shutdown).
+
+stdin is an anonymous in-memory file (``memfd_create``; an unlinked temporary file
+where that is missing) holding the message, like FWTK smapd handing sendmail the
+spool file: the program reads it at its own pace, no pump thread or pipe dance is
+needed, a program that exits early cannot block us, and the file can be seeked.
 
 Security: no shell, no preexec hook; the deliverer already runs as smapd's user
-(see privilege.py), so the child inherits exactly that uid, gid and empty group list.
-A program that leaves a grandchild holding the output pipe is not waited for once
-the program itself has exited.
+(privilege.py), so the child inherits exactly that uid, gid and empty group list.
+The memfd is private to this process and the child. A program that leaves a
+grandchild holding the output pipe is not waited for once the program has exited.
 
 Diagnostics: an exec failure (missing program, permission, bad interpreter) is a
 ``ChildResult`` with ``exec_error``, never an exception.
@@ -22,6 +27,7 @@ import os
 import selectors
 import signal
 import subprocess
+import tempfile
 import threading
 import time
 from collections.abc import Sequence
@@ -29,7 +35,25 @@ from collections.abc import Sequence
 from smapq.deliver.policy import ChildResult
 
 CHUNK = 65536
-TICK = 0.05  # how often a quiet child is checked for exit/abort/deadline
+TICK = 0.05  # how often a quiet child is checked for abort (and exit, without pidfd)
+
+
+def message_fd(data: bytes) -> int:
+    """A read-only-positioned fd at offset 0 holding ``data``."""
+    try:
+        fd = os.memfd_create("smapq-message", os.MFD_CLOEXEC)
+    except (AttributeError, OSError):
+        with tempfile.TemporaryFile() as unnamed:
+            fd = os.dup(unnamed.fileno())
+    try:
+        view = memoryview(data)
+        while view:
+            view = view[os.write(fd, view) :]
+        os.lseek(fd, 0, os.SEEK_SET)
+    except BaseException:
+        os.close(fd)
+        raise
+    return fd
 
 
 def run(
@@ -41,10 +65,11 @@ def run(
     started: list[float] | None = None,
 ) -> ChildResult:
     """Run ``argv`` with ``data`` on stdin; see the module docstring."""
+    stdin = message_fd(data)
     try:
         proc = subprocess.Popen(
             argv,
-            stdin=subprocess.PIPE,
+            stdin=stdin,
             stdout=subprocess.PIPE,
             stderr=subprocess.STDOUT,
             close_fds=True,
@@ -55,67 +80,57 @@ def run(
         if exc.errno == errno.ENOEXEC:
             reason = "not an executable program"
         return ChildResult(exec_error=f"cannot execute {argv[0]}: {reason}")
+    finally:
+        os.close(stdin)
     if started is not None:
         started.append(time.time())
-    return _supervise(proc, data, time.monotonic() + timeout, outputmax, abort)
+    return _supervise(proc, time.monotonic() + timeout, outputmax, abort)
 
 
 def _supervise(
     proc: subprocess.Popen[bytes],
-    data: bytes,
     deadline: float,
     outputmax: int,
     abort: threading.Event | None,
 ) -> ChildResult:
-    assert proc.stdin is not None and proc.stdout is not None
+    assert proc.stdout is not None
     out = bytearray()
-    view = memoryview(data)
-    sel = selectors.DefaultSelector()
-    stdin, stdout = proc.stdin, proc.stdout
-    os.set_blocking(stdin.fileno(), False)
-    os.set_blocking(stdout.fileno(), False)
-    sel.register(stdout, selectors.EVENT_READ)
+    stdout = proc.stdout.fileno()
+    os.set_blocking(stdout, False)
     # A pidfd becomes readable when the program exits: no polling for its exit.
     pidfd = _pidfd(proc.pid)
+    sel = selectors.PollSelector()
+    sel.register(stdout, selectors.EVENT_READ)
     if pidfd is not None:
         sel.register(pidfd, selectors.EVENT_READ)
-    if view:
-        sel.register(stdin, selectors.EVENT_WRITE)
-    else:
-        stdin.close()
-    interrupted = exited = False
+    reading = True
+    exited = interrupted = False
     try:
-        while not exited and (pidfd is not None or stdout in _files(sel) or stdin in _files(sel)):
+        while not exited and (reading or pidfd is not None):
             left = deadline - time.monotonic()
             if left <= 0 or (abort is not None and abort.is_set()):
                 interrupted = True
                 break
             events = sel.select(min(left, TICK))
-            if not events and proc.poll() is not None:
-                exited = True  # (no pidfd) exited; a grandchild may hold the pipe open
+            if pidfd is None and proc.poll() is not None:
+                exited = True  # a grandchild may still hold the pipe open
             for key, _ in events:
-                if key.fileobj is stdout:
-                    if not _take(stdout.fileno(), out, outputmax):
+                if key.fd == stdout:
+                    if not _take(stdout, out, outputmax):
                         sel.unregister(stdout)
-                elif key.fileobj is stdin:
-                    view = _write(stdin.fileno(), view)
-                    if not view:
-                        sel.unregister(stdin)
-                        stdin.close()
+                        reading = False
                 else:
                     exited = True
-        if exited and stdout in _files(sel):
-            # Whatever it wrote before exiting is in the pipe now; do not wait for a
+        if exited and reading:
+            # What it wrote before exiting is in the pipe now; do not wait for a
             # grandchild that inherited the pipe.
-            while _take(stdout.fileno(), out, outputmax, block=False):
+            while _take(stdout, out, outputmax, block=False):
                 pass
     finally:
         sel.close()
         if pidfd is not None:
             os.close(pidfd)
-        with contextlib.suppress(OSError):
-            stdin.close()
-        stdout.close()
+        proc.stdout.close()
     return _reap(proc, deadline, interrupted, abort, bytes(out))
 
 
@@ -126,7 +141,7 @@ def _reap(
     abort: threading.Event | None,
     out: bytes,
 ) -> ChildResult:
-    """Wait for the program (its output is closed, it may still be finishing)."""
+    """Collect the exit status (the program may still be finishing without output)."""
     while not interrupted:
         try:
             proc.wait(timeout=max(0.0, min(deadline - time.monotonic(), TICK)))
@@ -145,10 +160,6 @@ def _reap(
     return ChildResult(status=code, output=out)
 
 
-def _files(sel: selectors.BaseSelector) -> list[object]:
-    return [key.fileobj for key in sel.get_map().values()]
-
-
 def _pidfd(pid: int) -> int | None:
     try:
         return os.pidfd_open(pid)
@@ -157,36 +168,17 @@ def _pidfd(pid: int) -> int | None:
 
 
 def _take(fd: int, out: bytearray, outputmax: int, block: bool = True) -> bool:
-    """Read one chunk into ``out`` (bounded); False at end of file or, if not
-    ``block``, when nothing more is there right now."""
-    chunk = _read(fd)
-    if chunk is None:
+    """Read one chunk into ``out`` (bounded). False at end of file; when nothing is
+    there right now, ``block`` (= keep waiting for more)."""
+    try:
+        chunk = os.read(fd, CHUNK)
+    except BlockingIOError:
         return block
     if not chunk:
         return False
     if len(out) < outputmax:
         out += chunk[: outputmax - len(out)]
     return True
-
-
-def _read(fd: int) -> bytes | None:
-    """Up to CHUNK bytes; b"" at end of file; None if nothing is there after all."""
-    try:
-        return os.read(fd, CHUNK)
-    except BlockingIOError:
-        return None
-
-
-def _write(fd: int, view: memoryview) -> memoryview:
-    try:
-        n = os.write(fd, view[:CHUNK])
-    except BlockingIOError:
-        return view
-    except (BrokenPipeError, ConnectionResetError):
-        # The program stopped reading (it failed early, or takes no input): its exit
-        # status says what happened.
-        return view[:0]
-    return view[n:]
 
 
 def _kill_group(pid: int) -> None:

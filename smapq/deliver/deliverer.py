@@ -49,6 +49,9 @@ from smapq.store import queries, states
 
 TICK = 0.01  # main loop granularity: how quickly new mail and finished children are seen
 CLAIM_MAX = 256  # rows per claim transaction
+PREFETCH = 8  # claimed beyond maxchildren, so workers never wait for a claim
+FLUSH_DELAY = 0.02  # outcomes wait at most this long for a shared commit
+FLUSH_MAX = 64  # ... or until this many are waiting
 
 # Verdicts a worker reports (the message's fate after this run).
 SENT = "sent"  # a non-final batch was accepted; commit sent_at, then go on
@@ -67,6 +70,7 @@ class Job:
         "data",
         "id",
         "mail_from",
+        "next_attempt_at",
         "queue_id",
         "rcpts",
         "received_at",
@@ -81,6 +85,7 @@ class Job:
         self.mail_from = str(row.mail_from)
         self.received_at = float(row.received_at)
         self.attempts = int(row.attempts)
+        self.next_attempt_at = float(row.next_attempt_at)
         self.token = int(row.lease_token)
         trace = (row.trace or "").encode("utf-8", "surrogateescape")
         self.data: bytes | None = None if row.body is None else trace + bytes(row.body)
@@ -90,6 +95,21 @@ class Job:
         self.ack = threading.Event()
         self.ack_ok = False
         self.started: list[float] = []
+
+    def values(
+        self,
+        state: str,
+        attempts: int,
+        next_attempt_at: float | None = None,
+        delivered_at: float | None = None,
+    ) -> dict[str, Any]:
+        """The message columns an outcome writes (queries.FINISH_COLUMNS)."""
+        return {
+            "state": state,
+            "attempts": attempts,
+            "next_attempt_at": next_attempt_at or self.next_attempt_at,
+            "delivered_at": delivered_at,
+        }
 
 
 class Verdict:
@@ -159,6 +179,8 @@ class Deliverer:
         self.jobs: queue.SimpleQueue[Job | None] = queue.SimpleQueue()
         self.results: queue.SimpleQueue[tuple[Job, Verdict]] = queue.SimpleQueue()
         self.inflight: dict[int, Job] = {}
+        self.pending: list[tuple[Job, Verdict]] = []
+        self.pending_since = 0.0
         self.workers: list[threading.Thread] = []
         self.stop_requests = 0
         self.stops_seen = 0
@@ -220,6 +242,7 @@ class Deliverer:
     def run(self) -> Tally:
         old = self._install_signals()
         self._conn = self.engine.connect()
+        queries.deliverer_sync(self._conn)
         try:
             self._loop()
         finally:
@@ -238,17 +261,26 @@ class Deliverer:
         while True:
             kicked |= self._drain_results()
             self._poll_signals()
+            if self._flush_due():
+                self._flush()
             if self.hup:
                 self.hup = False
                 self._reload()
             if self.stop_requests:
                 self._stopping()
+                if self.pending:
+                    self._flush()
                 if not self.inflight:
                     return
             else:
                 now = time.time()
-                capacity = 2 * self.settings.maxchildren - len(self.inflight)
-                if capacity > 0 and (kicked or now >= next_scan or self.waker.changed()):
+                # Claim in batches: when a worker could idle, or when a whole
+                # prefetch batch fits; the prefetched rows' leases are renewed too.
+                children = self.settings.maxchildren
+                capacity = children + max(children, PREFETCH) - len(self.inflight)
+                busy = len(self.inflight) - len(self.pending)
+                wanted = busy < children or capacity >= PREFETCH
+                if wanted and (kicked or now >= next_scan or self.waker.changed()):
                     kicked = False
                     got = self._claim(min(capacity, CLAIM_MAX), now)
                     if got == capacity:
@@ -265,7 +297,10 @@ class Deliverer:
                 next_beat = now + self.settings.lease / 3
             elif not self.inflight:
                 next_beat = now + self.settings.lease / 3
-            kicked |= self._wait(TICK)
+            timeout = TICK
+            if self.pending:
+                timeout = min(TICK, max(0.0, self.pending_since + FLUSH_DELAY - time.monotonic()))
+            kicked |= self._wait(timeout)
 
     def _wait(self, timeout: float) -> bool:
         """Sleep until a worker reports or ``timeout``; True if a slot was freed."""
@@ -341,10 +376,11 @@ class Deliverer:
             self._record(job, Verdict(RELEASE, "released at shutdown before it started"))
         if self.stop_requests != self.stops_seen:
             self.stops_seen = self.stop_requests
-            if self.stop_requests == 1 and self.inflight:
+            running = len(self.inflight) - len(self.pending)
+            if self.stop_requests == 1 and running:
                 self.log.info(
                     "stopping: letting %d running sendmail(s) finish; signal again to abort",
-                    len(self.inflight),
+                    running,
                 )
             elif self.stop_requests > 1:
                 self.log.info("aborting %d running sendmail(s)", len(self.inflight))
@@ -418,97 +454,70 @@ class Deliverer:
             return Verdict(kind, text, result.status, ids if kind == policy.DELIVERED else rest)
         raise AssertionError("unreachable: a message with recipients has a batch")
 
-    # --- outcomes: one transaction each ------------------------------------------
+    # --- outcomes: group commit ---------------------------------------------------
+    # Verdicts are committed in groups: every FLUSH_DELAY, or at FLUSH_MAX verdicts,
+    # or at once when stopping. One transaction, several outcomes, each still fenced
+    # by its lease token and each with its event; nothing is committed half. Waiting
+    # a few milliseconds only widens the at-least-once window (a crash before the
+    # commit re-delivers), and it saves a commit per message.
 
     def _record(self, job: Job, verdict: Verdict) -> bool:
-        """Commit one verdict; True if the job is finished (its slot is free)."""
+        """Take one verdict; True if its worker is free again."""
         if verdict.kind == SENT:
             job.ack_ok = self._mark_sent(job, verdict)
             job.ack.set()
             return False
-        self.inflight.pop(job.id, None)
-        if verdict.kind == CRASHED:
-            self.tally.count(CRASHED)
-            return True
-        now = time.time()
-        kind = verdict.kind
-        if kind == policy.RETRY:
-            kind, committed = self._retry(job, verdict, now)
-        elif kind == RELEASE:
-            committed = self._finish(job, "recovered", {"state": states.RECEIVED}, now, verdict)
-        elif kind == policy.DELIVERED:
-            committed = self._delivered(job, verdict, now)
-        else:
-            committed = self._bad(job, verdict, now, verdict.text)
-        if not committed:
-            self.log.warning(
-                "%s: lease lost, outcome %s (%s) discarded", job.queue_id, kind, verdict.text
-            )
-            self.tally.count(CRASHED)
-            return True
-        self.tally.count(kind)
-        self._log_outcome(job, kind, verdict)
-        if kind == policy.BAD:
-            self._export(job, verdict.text)
+        if not self.pending:
+            self.pending_since = time.monotonic()
+        self.pending.append((job, verdict))
         return True
 
-    def _finish(
-        self, job: Job, event: str, values: dict[str, Any], now: float, verdict: Verdict
-    ) -> bool:
+    def _flush_due(self) -> bool:
+        if not self.pending:
+            return False
+        return (
+            len(self.pending) >= FLUSH_MAX
+            or time.monotonic() - self.pending_since >= FLUSH_DELAY
+            or bool(self.stop_requests)
+            or (
+                len(self.pending) == len(self.inflight)
+                and (self.once or len(self.inflight) < self.settings.maxchildren)
+            )
+        )
+
+    def _flush(self) -> None:
+        batch, self.pending = self.pending, []
+        now = time.time()
+        plans = [_plan(job, verdict, now) for job, verdict in batch]
+        live = [p for p in plans if p.kind != CRASHED]
         with self.conn.begin():
-            return queries.finish(
-                self.conn, job.id, job.token, job.queue_id, event, values, now,
-                verdict.code, verdict.text,
-            )  # fmt: skip
+            held = queries.record_outcomes(
+                self.conn,
+                now,
+                [p.row() for p in live],
+                [(p.job.id, rid, text) for p in live for rid, text in p.sent],
+                [(p.job.id, rid, text) for p in live for rid, text in p.notes],
+            )
+        for p in plans:
+            self.inflight.pop(p.job.id, None)
+            if p.kind != CRASHED and p.job.id not in held:
+                self.log.warning(
+                    "%s: lease lost, outcome %s (%s) discarded", p.job.queue_id, p.kind, p.detail
+                )
+                self.tally.count(CRASHED)
+                continue
+            self.tally.count(p.kind)
+            if p.kind == CRASHED:
+                continue
+            self._log_outcome(p)
+            if p.kind == policy.BAD:
+                self._export(p.job, p.detail)
 
     def _mark_sent(self, job: Job, verdict: Verdict) -> bool:
         with self.conn.begin():
             return queries.mark_sent(
                 self.conn, job.id, job.token, verdict.rcpt_ids, time.time(), verdict.text
             )
-
-    def _delivered(self, job: Job, verdict: Verdict, now: float) -> bool:
-        values = {"state": states.DELIVERED, "attempts": job.attempts + 1, "delivered_at": now}
-        with self.conn.begin() as txn:
-            if verdict.rcpt_ids:
-                queries.mark_sent(
-                    self.conn, job.id, job.token, verdict.rcpt_ids, now, verdict.text
-                )
-            done = queries.finish(
-                self.conn, job.id, job.token, job.queue_id, policy.DELIVERED, values, now,
-                verdict.code, verdict.text,
-            )  # fmt: skip
-            if not done:
-                txn.rollback()
-            return done
-
-    def _retry(self, job: Job, verdict: Verdict, now: float) -> tuple[str, bool]:
-        s = job.settings
-        attempts = job.attempts + 1
-        when = policy.next_attempt(
-            now, job.received_at, attempts, s.minbackoff, s.maxbackoff, s.maxqueuetime
-        )
-        if when is None:
-            age = int(now - job.received_at)
-            reason = f"gave up after {attempts} attempts in {age}s: {verdict.text}"
-            return policy.BAD, self._bad(job, verdict, now, reason)
-        values = {"state": states.RECEIVED, "attempts": attempts, "next_attempt_at": when}
-        with self.conn.begin():
-            queries.note_recipients(self.conn, verdict.rcpt_ids, verdict.text)
-            done = queries.finish(
-                self.conn, job.id, job.token, job.queue_id, "deferred", values, now,
-                verdict.code, f"{verdict.text}; next try in {int(when - now)}s",
-            )  # fmt: skip
-        return policy.RETRY, done
-
-    def _bad(self, job: Job, verdict: Verdict, now: float, reason: str) -> bool:
-        values = {"state": states.BAD, "attempts": job.attempts + 1}
-        with self.conn.begin():
-            queries.note_recipients(self.conn, verdict.rcpt_ids, reason)
-            return queries.finish(
-                self.conn, job.id, job.token, job.queue_id, policy.BAD, values, now,
-                verdict.code, reason,
-            )  # fmt: skip
 
     def _export(self, job: Job, reason: str) -> None:
         directory = job.settings.baddir
@@ -531,15 +540,77 @@ class Deliverer:
         with self.conn.begin():
             queries.add_event(self.conn, "exported", queue_id=job.queue_id, detail=path)
 
-    def _log_outcome(self, job: Job, kind: str, verdict: Verdict) -> None:
-        level = logging.INFO if kind == policy.DELIVERED else logging.WARNING
+    def _log_outcome(self, p: Plan) -> None:
+        job = p.job
+        level = logging.INFO if p.kind == policy.DELIVERED else logging.WARNING
         self.log.log(
             level,
             "%s: from=<%s> nrcpt=%d status=%s attempts=%d %s",
             job.queue_id,
             job.mail_from,
             len(job.rcpts),
-            kind if kind != policy.RETRY else "deferred",
-            job.attempts + (0 if kind == RELEASE else 1),
-            verdict.text,
+            p.event,
+            p.values["attempts"],
+            p.detail,
         )
+
+
+class Plan:
+    """One verdict turned into the row changes of its outcome."""
+
+    __slots__ = ("code", "detail", "event", "job", "kind", "notes", "sent", "values")
+
+    def __init__(self, job: Job, kind: str, event: str, detail: str, code: int | None) -> None:
+        self.job = job
+        self.kind = kind
+        self.event = event
+        self.detail = detail
+        self.code = code
+        self.values: dict[str, Any] = {}
+        self.sent: list[tuple[int, str]] = []
+        self.notes: list[tuple[int, str]] = []
+
+    def row(self) -> dict[str, Any]:
+        job = self.job
+        return {
+            "message_id": job.id,
+            "token": job.token,
+            "queue_id": job.queue_id,
+            "event": self.event,
+            "code": self.code,
+            "detail": self.detail,
+            **self.values,
+        }
+
+
+def _plan(job: Job, verdict: Verdict, now: float) -> Plan:
+    """What a verdict does to the message: state, attempts, next try, recipients."""
+    kind, text, code = verdict.kind, verdict.text, verdict.code
+    if kind == CRASHED:
+        return Plan(job, CRASHED, "", text, code)
+    if kind == RELEASE:
+        p = Plan(job, RELEASE, "recovered", text, code)
+        p.values = job.values(states.RECEIVED, job.attempts)
+        return p
+    attempts = job.attempts + 1
+    if kind == policy.DELIVERED:
+        p = Plan(job, kind, "delivered", text, code)
+        p.values = job.values(states.DELIVERED, attempts, delivered_at=now)
+        p.sent = [(rid, text) for rid in verdict.rcpt_ids]
+        return p
+    if kind == policy.RETRY:
+        s = job.settings
+        when = policy.next_attempt(
+            now, job.received_at, attempts, s.minbackoff, s.maxbackoff, s.maxqueuetime
+        )
+        if when is not None:
+            detail = f"{text}; next try in {int(when - now)}s"
+            p = Plan(job, kind, "deferred", detail, code)
+            p.values = job.values(states.RECEIVED, attempts, next_attempt_at=when)
+            p.notes = [(rid, text) for rid in verdict.rcpt_ids]
+            return p
+        text = f"gave up after {attempts} attempts in {int(now - job.received_at)}s: {text}"
+    p = Plan(job, policy.BAD, "bad", text, code)
+    p.values = job.values(states.BAD, attempts)
+    p.notes = [(rid, text) for rid in verdict.rcpt_ids]
+    return p

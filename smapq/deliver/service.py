@@ -29,7 +29,8 @@ def run(table: str, once: bool, debug: bool = False) -> int:
     logger.info(privilege.drop(settings.userid, settings.groupid))
     database = database_of(settings)
     engine = make_engine(database)
-    change = waker.for_database(database)
+    # --once drains what is due and stops: it needs no change detection.
+    change = waker.PollWaker() if once else waker.for_database(database)
     loop = deliverer.Deliverer(
         settings, engine, change, logger, once=once, reload=lambda: load(table).smapd
     )

@@ -402,6 +402,85 @@ def _event_stmt() -> Any:
     return stmt
 
 
+def held_leases(conn: Connection, leases: Sequence[tuple[int, int]]) -> set[int]:
+    """Of (message id, lease token) pairs, the ids whose lease is still held (locks them)."""
+    return {mid for mid, _ in _held_pairs(conn, leases)}
+
+
+def _held_pairs(conn: Connection, leases: Sequence[tuple[int, int]]) -> set[tuple[int, int]]:
+    if not leases:
+        return set()
+    wanted = {(int(mid), int(token)) for mid, token in leases}
+    stmt = (
+        select(messages.c.id, messages.c.lease_token)
+        .where(messages.c.id.in_(sorted({mid for mid, _ in wanted})))
+        .where(messages.c.state == states.DELIVERING)
+        .with_for_update()
+    )
+    return {(int(r.id), int(r.lease_token)) for r in conn.execute(stmt)} & wanted
+
+
+def _recipient_result_stmt(sent: bool) -> Any:
+    key = "rcpt_sent" if sent else "rcpt_note"
+    stmt = _DELIVERER_STMTS.get(key)
+    if stmt is None:
+        values: dict[str, Any] = {"last_result": bindparam("r_result")}
+        if sent:
+            values["sent_at"] = bindparam("r_now")
+        stmt = _DELIVERER_STMTS[key] = (
+            recipients.update().where(recipients.c.id == bindparam("r_id")).values(**values)
+        )
+    return stmt
+
+
+def record_outcomes(
+    conn: Connection,
+    now: float,
+    outcomes: Sequence[Mapping[str, Any]],
+    sent: Sequence[tuple[int, int, str]] = (),
+    notes: Sequence[tuple[int, int, str]] = (),
+) -> set[int]:
+    """Several outcomes in the caller's one transaction (group commit).
+
+    Returns the message ids whose lease was still held: only those are written (the
+    rest belong to a newer claim now and are left alone, events included).
+    ``outcomes`` rows carry message_id, token, queue_id, event, code, detail and the
+    ``FINISH_COLUMNS``; ``sent`` are (message id, recipient id, result) for batches
+    sendmail accepted, ``notes`` the same for recipients that were not delivered.
+    """
+    held_pairs = _held_pairs(conn, [(o["message_id"], o["token"]) for o in outcomes])
+    held = {mid for mid, _ in held_pairs}
+    sent_rows = [
+        {"r_id": rid, "r_now": now, "r_result": text} for mid, rid, text in sent if mid in held
+    ]
+    if sent_rows:
+        conn.execute(_recipient_result_stmt(True), sent_rows)
+    note_rows = [{"r_id": rid, "r_result": text} for mid, rid, text in notes if mid in held]
+    if note_rows:
+        conn.execute(_recipient_result_stmt(False), note_rows)
+    params = []
+    logged = []
+    for o in outcomes:
+        if (int(o["message_id"]), int(o["token"])) not in held_pairs:
+            continue
+        p = {f"m_{c}": o[c] for c in FINISH_COLUMNS}
+        p.update(
+            m_id=o["message_id"],
+            m_token=o["token"],
+            m_now=now,
+            m_exit=o["code"],
+            m_result=o["detail"],
+        )
+        params.append(p)
+        event = {"at": now, "kind": o["event"], "queue_id": o["queue_id"], "code": o["code"]}
+        event["detail"] = o["detail"]
+        logged.append({c: event.get(c) for c in EVENT_COLUMNS})
+    if params:
+        conn.execute(finish_stmt(), params)
+        conn.execute(_event_stmt(), logged)
+    return held
+
+
 def next_due_at(conn: Connection) -> float | None:
     """When the next message falls due or the next lease expires (None: nothing waits)."""
     due = select(func.min(messages.c.next_attempt_at)).where(

@@ -75,11 +75,7 @@ def test_a_late_finisher_cannot_overwrite_a_newer_claim(engine: Engine) -> None:
         assert not queries.renew_leases(conn, "old", [first.id], 500.0)
         [rid] = [r.id for r in queries.unsent_recipients(conn, [first.id])]
         assert not queries.mark_sent(conn, first.id, first.lease_token, [rid], 201.0, "x")
-        done = queries.finish(
-            conn, first.id, first.lease_token, qid, "delivered",
-            {"state": "delivered"}, 201.0, 0, "late",
-        )  # fmt: skip
-        assert not done
+        assert queries.held_leases(conn, [(first.id, first.lease_token)]) == set()
         row = queries.message_by_queue_id(conn, qid)
         assert row is not None
         assert (row.state, row.lease_owner) == ("delivering", "new")
@@ -87,10 +83,25 @@ def test_a_late_finisher_cannot_overwrite_a_newer_claim(engine: Engine) -> None:
     assert kinds == ["claim", "recovered", "claim"]
     with engine.begin() as conn:
         assert queries.renew_leases(conn, "new", [second.id], 500.0) == {second.id}
-        assert queries.finish(
-            conn, second.id, second.lease_token, qid, "delivered",
-            {"state": "delivered"}, 202.0, 0, "ok",
-        )  # fmt: skip
+        pair = (second.id, second.lease_token)
+        assert queries.held_leases(conn, [pair]) == {second.id}
+        outcome = {
+            "message_id": second.id, "token": second.lease_token, "queue_id": qid,
+            "event": "delivered", "code": 0, "detail": "ok", "state": "delivered",
+            "attempts": 1, "next_attempt_at": 1.0, "delivered_at": 202.0,
+        }  # fmt: skip
+        stale = {**outcome, "token": first.lease_token, "detail": "late"}
+        sent = [(second.id, rid, "ok")]
+        assert queries.record_outcomes(conn, 202.0, [outcome, stale], sent) == {second.id}
+    with engine.begin() as conn:
+        row = queries.message_by_queue_id(conn, qid)
+        assert row is not None
+        assert (row.state, row.delivered_at, row.lease_owner) == ("delivered", 202.0, None)
+        [rcpt] = queries.recipients_of(conn, row.id)
+        assert rcpt.sent_at == 202.0
+        events = queries.events_of(conn, qid)
+        assert [(e.kind, e.detail) for e in events][-1] == ("delivered", "ok")
+        assert len(events) == 4
 
 
 def test_recovery_counts_the_attempt_and_leaves_the_row_due(engine: Engine) -> None:
