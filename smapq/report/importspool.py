@@ -249,6 +249,28 @@ def import_spool(
     """Import every complete, unlocked ``sma*`` file of ``directory``; counts by outcome."""
     if not os.path.isdir(directory):
         raise UsageError(f"{directory}: not a directory")
+    # One import per spool at a time: two runs reading the same file before either
+    # commits would both import it.
+    lock = os.open(directory, os.O_RDONLY | os.O_DIRECTORY)
+    try:
+        try:
+            fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            raise UsageError(f"{directory}: another import-spool is running") from None
+        return _import_locked(engine, directory, target_dir, dry_run, batch, report, progress)
+    finally:
+        os.close(lock)
+
+
+def _import_locked(
+    engine: Engine,
+    directory: str,
+    target_dir: str | None,
+    dry_run: bool,
+    batch: int,
+    report: Callable[[FileResult], None],
+    progress: Callable[[int, int], None],
+) -> dict[str, int]:
     names = spool_names(directory)
     target = target_dir or os.path.join(directory, IMPORTED_DIR)
     if not dry_run:

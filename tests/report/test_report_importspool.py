@@ -187,6 +187,21 @@ def test_large_spool_shows_progress(filled: Filled, tmp_path: Path) -> None:
     assert filled.scalar("SELECT count(*) FROM messages WHERE queue_id NOT LIKE 'M%'") == 1200
 
 
+def test_one_import_per_spool_at_a_time(filled: Filled, tmp_path: Path) -> None:
+    spool = tmp_path / "smap"
+    spool.mkdir()
+    spool_file(spool, "smaC00001")
+    fd = os.open(spool, os.O_RDONLY | os.O_DIRECTORY)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX)  # as a concurrent import-spool holds it
+        result = filled.smapq("import-spool", str(spool), check=False)
+    finally:
+        os.close(fd)
+    assert result.returncode == 64
+    assert result.stderr.strip().endswith("another import-spool is running")
+    assert (spool / "smaC00001").exists() and rows(filled) == []
+
+
 def test_missing_directory_is_one_line(filled: Filled, tmp_path: Path) -> None:
     result = filled.smapq("import-spool", str(tmp_path / "nope"), check=False)
     assert result.returncode == 64
