@@ -60,6 +60,13 @@ def test_list_pages_with_after(filled: Filled) -> None:
     assert all(len(line) <= 80 for line in table.stdout.splitlines())
 
 
+def test_list_without_paging_streams_everything(filled: Filled) -> None:
+    doc = filled.json("queue", "list", "--limit", "0")
+    assert len(doc["rows"]) == 8 and doc["more"] is False and doc["next_after"] is None
+    rows = filled.smapq("queue", "list", "--limit", "0", "-f", "csv").stdout.splitlines()
+    assert len(rows) == 9 and rows[0].startswith("queue_id,state,received_at,age,size")
+
+
 def test_show_has_envelope_recipients_timeline_and_headers(filled: Filled) -> None:
     info = json.loads(filled.smapq("queue", "show", "M1", "--format", "json").stdout)
     assert info["queue_id"] == "M1" and info["state"] == "delivered"

@@ -161,3 +161,37 @@ def test_recipient_ranking_paths_agree_with_brute_force(engine: Engine) -> None:
             assert all(b == sizes[a] for a, _, b in got)
     assert any("WITH strays" in sql for sql in seen)  # the id-range plan ran
     assert any("INDEXED BY ix_messages_received_at" in sql for sql in seen)  # and the other
+
+
+def test_verbs_recheck_state_inside_the_write(engine: Engine) -> None:
+    """A deliverer's claim committed between our lookup and our write wins."""
+    now = time.time()
+    with engine.begin() as conn:
+        body = b"x"
+        mid = queries.insert_message(
+            conn,
+            {
+                "queue_id": "RACE",
+                "protocol": "SMTP",
+                "mail_from": "a@b",
+                "size": 1,
+                "trace": "",
+                "body": body,
+                "body_sha256": hashlib.sha256(body).hexdigest(),
+            },
+            ["c@d"],
+        )
+        found = queries.queue_find(conn, ["RACE"])["RACE"]
+        assert found.state == "received"
+        # The claim lands after our read ...
+        conn.execute(
+            queries.messages.update()
+            .where(queries.messages.c.id == mid)
+            .values(state="delivering", lease_expires_at=now + 60)
+        )
+        # ... so hold (received -> held) and delete (live lease) change nothing.
+        assert not queries.queue_transition(conn, mid, [found.state], "held", now, False)
+        assert not queries.queue_delete(conn, mid, now)
+        # Once the lease has expired the row may go.
+        assert queries.queue_delete(conn, mid, now + 120)
+        assert queries.recipients_of(conn, mid) == []
