@@ -10,6 +10,10 @@ failure (bad: ``updated_at``) and the envelope log (sessions, refused, "bad in w
 Memory: aggregation happens in SQL with ``LIMIT top``; the two reports that need every
 row (latency percentiles, the qshape age grid) stream them and keep one bucket or one
 counter per domain.
+
+Security: read-only; callers pass a connection from a ``readonly=True`` engine.
+Diagnostics: bad arguments raise ``UsageError``; database errors are turned into one
+line by ``smapq.report.db``.
 """
 
 from __future__ import annotations
