@@ -49,7 +49,7 @@ from smapq.store import queries, states
 
 TICK = 0.01  # main loop granularity: how quickly new mail and finished children are seen
 CLAIM_MAX = 256  # rows per claim transaction
-PREFETCH = 8  # claimed beyond maxchildren, so workers never wait for a claim
+PREFETCH = 16  # claimed beyond maxchildren (refilled at half), so workers never wait
 FLUSH_DELAY = 0.02  # outcomes wait at most this long for a shared commit
 FLUSH_MAX = 64  # ... or until this many are waiting
 
@@ -274,12 +274,12 @@ class Deliverer:
                     return
             else:
                 now = time.time()
-                # Claim in batches: when a worker could idle, or when a whole
-                # prefetch batch fits; the prefetched rows' leases are renewed too.
+                # Claim in batches: when a worker could idle, or when half the
+                # prefetch is used up; the prefetched rows' leases are renewed too.
                 children = self.settings.maxchildren
                 capacity = children + max(children, PREFETCH) - len(self.inflight)
                 busy = len(self.inflight) - len(self.pending)
-                wanted = busy < children or capacity >= PREFETCH
+                wanted = busy < children or capacity >= PREFETCH // 2
                 if wanted and (kicked or now >= next_scan or self.waker.changed()):
                     kicked = False
                     got = self._claim(min(capacity, CLAIM_MAX), now)
