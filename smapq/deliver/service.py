@@ -12,9 +12,12 @@ bad. ``--daemon`` returns 0 after SIGTERM/SIGINT.
 
 from __future__ import annotations
 
-from smapq.config.settings import SmapdSettings, load
+import os
+
+from smapq.config.netperm import check_mode
+from smapq.config.settings import SmapdSettings, load, loads
 from smapq.deliver import deliverer, log, privilege, waker
-from smapq.errors import EX_OK, EX_TEMPFAIL, SmapqError
+from smapq.errors import EX_OK, EX_TEMPFAIL, ConfigError, SmapqError
 from smapq.store.engine import make_engine
 
 
@@ -22,18 +25,55 @@ def database_of(settings: SmapdSettings) -> str:
     return settings.database if settings.database_is_url else settings.database_path
 
 
+class Table:
+    """The netperm-table, re-readable on SIGHUP even after the privilege drop.
+
+    The table is root's, mode 0600, so smapd's user cannot open it again. A descriptor
+    opened before the drop still reads it: edits made in place are seen. An editor
+    that replaces the file (new inode) leaves the descriptor on the old one; that is
+    detected (no links left) and reported instead of silently reloading stale text.
+    """
+
+    def __init__(self, path: str) -> None:
+        self.path = path
+        try:
+            self.fd: int | None = os.open(path, os.O_RDONLY)
+        except OSError:
+            self.fd = None
+
+    def load(self) -> SmapdSettings:
+        try:
+            return load(self.path).smapd
+        except ConfigError as exc:
+            if exc.reason != "permission denied" or self.fd is None:
+                raise
+        st = os.fstat(self.fd)
+        if st.st_nlink == 0:
+            raise ConfigError(
+                "was replaced and smapd's user cannot open the new file: restart smapd",
+                self.path,
+            )
+        check_mode(self.path, st)
+        text = os.pread(self.fd, st.st_size, 0).decode("utf-8")
+        return loads(text, self.path).smapd
+
+    def close(self) -> None:
+        if self.fd is not None:
+            os.close(self.fd)
+            self.fd = None
+
+
 def run(table: str, once: bool, debug: bool = False) -> int:
     """``smapq deliver --once`` (once=True) or ``--daemon``; returns the exit status."""
-    settings = load(table).smapd
+    source = Table(table)
+    settings = source.load()
     logger = log.setup(debug)
-    logger.info(privilege.drop(settings.userid, settings.groupid))
     database = database_of(settings)
-    engine = make_engine(database)
+    engine = make_engine(database)  # loads the dialect now; connects only after the drop
+    logger.info(privilege.drop(settings.userid, settings.groupid))
     # --once drains what is due and stops: it needs no change detection.
     change = waker.PollWaker() if once else waker.for_database(database)
-    loop = deliverer.Deliverer(
-        settings, engine, change, logger, once=once, reload=lambda: load(table).smapd
-    )
+    loop = deliverer.Deliverer(settings, engine, change, logger, once=once, reload=source.load)
     mode = "once" if once else f"daemon, wakeup {settings.wakeup}s"
     logger.debug("%s: delivering from %s (%s)", loop.owner, database, mode)
     try:
@@ -41,6 +81,7 @@ def run(table: str, once: bool, debug: bool = False) -> int:
     finally:
         change.close()
         engine.dispose()
+        source.close()
     logger.log(20 if once or debug else 10, "done: %s", tally)
     if once and (tally.bad or tally.deferred or tally.lost):
         raise Incomplete(

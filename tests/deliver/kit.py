@@ -54,6 +54,7 @@ class StandIn:
         self.dir = directory
         self.path = directory / "sendmail"
         self.calls_dir = directory / "calls"
+        directory.mkdir(mode=0o755, exist_ok=True)
         self.calls_dir.mkdir()
         self.calls_dir.chmod(0o1777)
         shutil.copy(STANDIN, self.path)

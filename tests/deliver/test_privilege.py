@@ -6,13 +6,15 @@ from __future__ import annotations
 import grp
 import os
 import pwd
+import signal
+import stat
 from pathlib import Path
 
 import pytest
 
 from smapq.errors import EX_NOPERM
-from tests.conftest import open_dir, root_only
-from tests.deliver.kit import StandIn, make_queue, standin
+from tests.conftest import open_dir, root_only, write_table
+from tests.deliver.kit import StandIn, make_queue, peek_log, standin, stop, wait_for
 
 __all__ = ["open_dir", "standin"]
 
@@ -58,3 +60,35 @@ def test_uid_zero_is_refused(tmp_path: Path, standin: StandIn) -> None:
     assert proc.returncode == EX_NOPERM
     assert "refused" in proc.stderr
     assert standin.calls() == []
+
+
+def test_sighup_rereads_a_root_only_table_after_the_drop(open_dir: Path) -> None:
+    first = StandIn(open_dir / "first")
+    second = StandIn(open_dir / "second")
+    q = make_queue(open_dir, str(first.path), "smapd: wakeup 3600\n", user="nobody")
+    assert stat.S_IMODE(q.spool.table.stat().st_mode) == 0o600
+    daemon = q.start_daemon()
+    try:
+        wait_for(lambda: "dropped privileges" in peek_log(daemon), what="drop logged")
+        # Edited in place (same inode): smapd, now nobody, re-reads it through the
+        # descriptor it kept from before the drop.
+        text = q.spool.table.read_text().replace(str(first.path), str(second.path))
+        with open(q.spool.table, "w") as fh:
+            fh.write(text)
+        daemon.send_signal(signal.SIGHUP)
+        wait_for(lambda: "table re-read" in peek_log(daemon), what="reload logged")
+        qid = q.add(["a@x.example"])
+        wait_for(lambda: q.row(qid).state == "delivered", what="delivery after reload")
+        # Replaced (new inode): cannot be read as nobody; said so, old settings kept.
+        replacement = q.spool.table.with_name("table.new")
+        write_table(replacement, text.replace(str(second.path), str(first.path)))
+        os.replace(replacement, q.spool.table)
+        daemon.send_signal(signal.SIGHUP)
+        wait_for(lambda: "restart smapd" in peek_log(daemon), what="replacement reported")
+        other = q.add(["b@x.example"])
+        wait_for(lambda: q.row(other).state == "delivered", what="delivery with old table")
+    finally:
+        code, err = stop(daemon)
+    assert code == 0, err
+    assert first.calls() == []
+    assert [c.recipients for c in second.calls()] == [["a@x.example"], ["b@x.example"]]
