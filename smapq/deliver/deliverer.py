@@ -41,12 +41,14 @@ from types import FrameType
 from typing import Any
 
 from sqlalchemy import Connection, Engine
+from sqlalchemy.exc import DBAPIError
 
 from smapq.config.settings import SmapdSettings
 from smapq.deliver import baddir, child, command, policy
 from smapq.deliver.waker import PollWaker, SqliteWaker
 from smapq.store import queries, states
 
+MAX_DB_FAILURES = 10  # database errors in a row before the deliverer gives up
 TICK = 0.01  # main loop granularity: how quickly new mail and finished children are seen
 CLAIM_MAX = 256  # rows per claim transaction
 PREFETCH = 16  # claimed beyond maxchildren (refilled at half), so workers never wait
@@ -155,6 +157,17 @@ def new_owner() -> str:
     return f"{socket.gethostname()[:80]}:{os.getpid()}:{os.urandom(4).hex()}"
 
 
+class _LoopState:
+    """What the loop carries from one pass to the next."""
+
+    __slots__ = ("kicked", "next_beat", "next_scan")
+
+    def __init__(self, next_beat: float) -> None:
+        self.kicked = True  # look for due mail at once
+        self.next_scan = 0.0
+        self.next_beat = next_beat
+
+
 class Deliverer:
     """Claim, deliver, record; ``run()`` returns when done (--once) or stopped."""
 
@@ -255,52 +268,71 @@ class Deliverer:
         return self.tally
 
     def _loop(self) -> None:
-        next_scan = 0.0
-        next_beat = time.time() + self.settings.lease / 3
-        kicked = True
+        """Run ``_step`` until done; a database error is retried, not fatal at once.
+
+        "database is locked" past the busy timeout, a PostgreSQL restart: log, back
+        off, go on. Outcomes not yet committed stay pending; rows whose leases run out
+        meanwhile are recovered by whoever polls next (at-least-once).
+        """
+        failures = 0
+        state = _LoopState(time.time() + self.settings.lease / 3)
         while True:
-            kicked |= self._drain_results()
-            self._poll_signals()
-            if self._flush_due():
-                self._flush()
-            if self.hup:
-                self.hup = False
-                self._reload()
-            if self.stop_requests:
-                self._stopping()
-                if self.pending:
-                    self._flush()
-                if not self.inflight:
+            try:
+                if self._step(state):
                     return
-            else:
-                now = time.time()
-                # Claim in batches: when a worker could idle, or when half the
-                # prefetch is used up; the prefetched rows' leases are renewed too.
-                children = self.settings.maxchildren
-                capacity = children + max(children, PREFETCH) - len(self.inflight)
-                busy = len(self.inflight) - len(self.pending)
-                wanted = busy < children or capacity >= PREFETCH // 2
-                if wanted and (kicked or now >= next_scan or self.waker.changed()):
-                    kicked = False
-                    got = self._claim(min(capacity, CLAIM_MAX), now)
-                    if got == capacity:
-                        next_scan = now  # there may be more due right now
-                    elif self.once:
-                        if not self.inflight:
-                            return
-                        next_scan = now + self.settings.wakeup
-                    else:
-                        next_scan = self._next_scan(now)
-            now = time.time()
-            if self.inflight and now >= next_beat:
-                self._heartbeat(now)
-                next_beat = now + self.settings.lease / 3
-            elif not self.inflight:
-                next_beat = now + self.settings.lease / 3
-            timeout = TICK
+                failures = 0
+            except DBAPIError as exc:
+                failures += 1
+                if failures >= MAX_DB_FAILURES:
+                    raise
+                self.log.error("queue database error (%d in a row): %s", failures, exc)
+                time.sleep(min(5.0, 0.1 * 2**failures))
+
+    def _step(self, st: _LoopState) -> bool:
+        """One pass of the loop; True when the deliverer is done."""
+        st.kicked |= self._drain_results()
+        self._poll_signals()
+        if self._flush_due():
+            self._flush()
+        if self.hup:
+            self.hup = False
+            self._reload()
+        if self.stop_requests:
+            self._stopping()
             if self.pending:
-                timeout = min(TICK, max(0.0, self.pending_since + FLUSH_DELAY - time.monotonic()))
-            kicked |= self._wait(timeout)
+                self._flush()
+            if not self.inflight:
+                return True
+        else:
+            now = time.time()
+            # Claim in batches: when a worker could idle, or when half the prefetch is
+            # used up; the prefetched rows' leases are renewed too.
+            children = self.settings.maxchildren
+            capacity = children + max(children, PREFETCH) - len(self.inflight)
+            busy = len(self.inflight) - len(self.pending)
+            wanted = busy < children or capacity >= PREFETCH // 2
+            if wanted and (st.kicked or now >= st.next_scan or self.waker.changed()):
+                st.kicked = False
+                got = self._claim(min(capacity, CLAIM_MAX), now)
+                if got == capacity:
+                    st.next_scan = now  # there may be more due right now
+                elif self.once:
+                    if not self.inflight:
+                        return True
+                    st.next_scan = now + self.settings.wakeup
+                else:
+                    st.next_scan = self._next_scan(now)
+        now = time.time()
+        if self.inflight and now >= st.next_beat:
+            self._heartbeat(now)
+            st.next_beat = now + self.settings.lease / 3
+        elif not self.inflight:
+            st.next_beat = now + self.settings.lease / 3
+        timeout = TICK
+        if self.pending:
+            timeout = min(TICK, max(0.0, self.pending_since + FLUSH_DELAY - time.monotonic()))
+        st.kicked |= self._wait(timeout)
+        return False
 
     def _wait(self, timeout: float) -> bool:
         """Sleep until a worker reports or ``timeout``; True if a slot was freed."""
@@ -464,8 +496,11 @@ class Deliverer:
     def _record(self, job: Job, verdict: Verdict) -> bool:
         """Take one verdict; True if its worker is free again."""
         if verdict.kind == SENT:
-            job.ack_ok = self._mark_sent(job, verdict)
-            job.ack.set()
+            job.ack_ok = False
+            try:
+                job.ack_ok = self._mark_sent(job, verdict)
+            finally:
+                job.ack.set()  # never leave the worker waiting, even on a DB error
             return False
         if not self.pending:
             self.pending_since = time.monotonic()
@@ -486,7 +521,7 @@ class Deliverer:
         )
 
     def _flush(self) -> None:
-        batch, self.pending = self.pending, []
+        batch = self.pending
         now = time.time()
         plans = [_plan(job, verdict, now) for job, verdict in batch]
         live = [p for p in plans if p.kind != CRASHED]
@@ -498,6 +533,7 @@ class Deliverer:
                 [(p.job.id, rid, text) for p in live for rid, text in p.sent],
                 [(p.job.id, rid, text) for p in live for rid, text in p.notes],
             )
+        self.pending = []  # committed (on an error they stay pending for the next try)
         for p in plans:
             self.inflight.pop(p.job.id, None)
             if p.kind != CRASHED and p.job.id not in held:

@@ -69,6 +69,8 @@ def run(table: str, once: bool, debug: bool = False) -> int:
     settings = source.load()
     logger = log.setup(debug)
     database = database_of(settings)
+    if not settings.database_is_url and not os.path.exists(database):
+        raise SmapqError(f"queue database {database} does not exist: run 'smapq init'")
     engine = make_engine(database)  # loads the dialect now; connects only after the drop
     logger.info(privilege.drop(settings.userid, settings.groupid))
     # --once drains what is due and stops: it needs no change detection.

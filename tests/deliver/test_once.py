@@ -332,3 +332,13 @@ def test_deliver_needs_a_mode(q: Queue) -> None:
     proc = q.spool.smapq("deliver", check=False)
     assert proc.returncode == 64
     assert "--once or --daemon" in proc.stderr
+
+
+def test_missing_queue_database_is_an_error_not_a_new_file(q: Queue) -> None:
+    q.spool.db.unlink()
+    for suffix in ("-wal", "-shm"):
+        Path(str(q.spool.db) + suffix).unlink(missing_ok=True)
+    proc = q.deliver()
+    assert proc.returncode == 1
+    assert "does not exist: run 'smapq init'" in proc.stderr
+    assert not q.spool.db.exists()
