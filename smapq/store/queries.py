@@ -154,7 +154,6 @@ def receiver_sql() -> dict[str, str]:
     }
 
 
-
 # --- deliverer -----------------------------------------------------------------------
 # Every statement smapq deliver runs. Transitions are fenced: they apply only
 # ``WHERE lease_token = :token AND state = 'delivering'``, so a deliverer whose lease
@@ -483,9 +482,7 @@ def record_outcomes(
 
 def next_due_at(conn: Connection) -> float | None:
     """When the next message falls due or the next lease expires (None: nothing waits)."""
-    due = select(func.min(messages.c.next_attempt_at)).where(
-        messages.c.state == states.RECEIVED
-    )
+    due = select(func.min(messages.c.next_attempt_at)).where(messages.c.state == states.RECEIVED)
     lease = select(func.min(messages.c.lease_expires_at)).where(
         messages.c.state == states.DELIVERING
     )
