@@ -70,6 +70,9 @@ HELP = (
     "/usr/local/etc/netperm-table)\n"
 )
 READ_SIZE = 65536
+# Audit rows kept in memory before the ones that belong to no open transaction are
+# written on their own (the session bounds them too; this bounds the process).
+FLUSH_ROWS = 1000
 
 
 def _say(text: str) -> None:
@@ -142,8 +145,10 @@ class Receiver:
         self.queue: Queue | None = None
         self.session: Session | None = None
         self.settings: SmapSettings | None = None
-        self.rows: list[EventRow] = []  # session events not yet written
-        self.txn: list[EventRow] = []  # events of the open transaction (from MAIL on)
+        self.rows: list[EventRow] = []  # events not yet written, in order
+        # The open transaction's own rows (its mail, rcpt and reject rows; also in
+        # self.rows): they get the queue id when its message is stored.
+        self.txn: list[EventRow] = []
         self.message_cols: dict[str, object] = {}
         self.messages = 0
         self.volume = 0
@@ -159,14 +164,14 @@ class Receiver:
     def who(self) -> str:
         return f"unknown/{self.addr or 'unknown'}"
 
-    def _row(self, at: float, kind: str, detail: str, addr: str, code: int) -> EventRow:
+    def _row(self, at: float, kind: str, detail: str, addr: str | None, code: int) -> EventRow:
         return {
             "at": at,
             "kind": kind,
             "session_id": self.session_id,
             "queue_id": None,
             "client_addr": self.addr or None,
-            "address": addr or None,
+            "address": addr,
             "code": code or None,
             "detail": detail or None,
         }
@@ -181,16 +186,36 @@ class Receiver:
         for kind, detail, addr, code in events:
             if kind == "accept":
                 continue  # written by store() with the message itself
-            row = self._row(now, kind, detail, addr, code)
+            # The session says "<>" for the null sender, stored as messages.mail_from
+            # stores it (""), so reports can match refusals to senders.
+            row = self._row(now, kind, detail, _stored_address(addr), code)
+            self.rows.append(row)
             if kind == "mail":
-                self.rows.extend(self.txn)
                 self.txn = [row]
             elif kind in ("rcpt", "reject") and self.txn:
                 self.txn.append(row)
-            else:
-                self.rows.append(row)
             self._syslog_event(kind, detail, addr, code)
         events.clear()
+        if len(self.rows) > FLUSH_ROWS:
+            self.flush()
+
+    def flush(self) -> None:
+        """Write the rows before the open transaction (they will get no queue id)."""
+        assert self.queue is not None
+        cut = len(self.rows)
+        if self.txn:
+            first = self.txn[0]
+            cut = next(i for i, row in enumerate(self.rows) if row is first)
+        if not cut:
+            return
+        rows = self.rows[:cut]
+        del self.rows[:cut]
+        try:
+            self.queue.log(rows)
+        except StoreError as exc:
+            self.log(
+                f"fwtksyserr: {len(rows)} audit events not written: {exc.reason}", syslog.LOG_ERR
+            )
 
     def _syslog_event(self, kind: str, detail: str, addr: str, code: int) -> None:
         if not self.syslog_on or kind in ("helo", "mail", "rcpt"):
@@ -247,7 +272,7 @@ class Receiver:
             note = f"jail off: not chrooted into {smap.directory} (smap: jail off)"
             _say("smap: " + note)
             self.log(note, syslog.LOG_WARNING)
-            self.rows.append(self._row(time.time(), "jail", note, "", 0))
+            self.rows.append(self._row(time.time(), "jail", note, None, 0))
 
     def refuse(self, text: str, priority: int, code: int) -> int:
         """Answer 421 instead of the banner, log why, and give the exit code."""
@@ -327,7 +352,8 @@ class Receiver:
             qid = queue.accept(
                 env,
                 self.message_cols,
-                (self.rows, [*self.txn, accept]),
+                [*self.rows, accept],
+                [*self.txn, accept],
                 lambda q: self.trace(env, q, now),
                 now,
             )
@@ -355,7 +381,7 @@ class Receiver:
 
     def finish(self) -> None:
         """Write the events no stored message carried; close the database."""
-        rows = self.rows + self.txn
+        rows = self.rows
         self.rows, self.txn = [], []
         if self.queue is None:
             return
@@ -366,6 +392,13 @@ class Receiver:
                 f"fwtksyserr: {len(rows)} audit events not written: {exc.reason}", syslog.LOG_ERR
             )
         self.queue.close()
+
+
+def _stored_address(addr: str) -> str | None:
+    """events.address for a session event's address: "<>" -> "", "" -> NULL."""
+    if addr == "<>":
+        return ""
+    return addr or None
 
 
 def _crash_report(exc: BaseException) -> str:

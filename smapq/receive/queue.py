@@ -80,15 +80,17 @@ class Queue:
         self,
         env: Envelope,
         message: dict[str, object],
-        events: tuple[Sequence[EventRow], Sequence[EventRow]],
+        events: Sequence[EventRow],
+        tagged: Sequence[EventRow],
         trace: Callable[[str], str],
         now: float,
     ) -> str:
         """Commit ``env`` as a new ``received`` message; returns its queue id.
 
         ``message`` holds the session columns (session_id, client_addr, client_port,
-        client_name).  ``events`` is (session events, this message's events): rows for
-        INSERT_EVENT; the second kind get the new queue id.  ``trace(queue_id)`` makes
+        client_name).  ``events`` are rows for INSERT_EVENT, written in their order;
+        those of them also in ``tagged`` (this message's own events) get the new queue
+        id, and lose it again when the transaction fails.  ``trace(queue_id)`` makes
         the Received: header.
         """
         row = dict(message)
@@ -108,23 +110,21 @@ class Queue:
             queue_id = new_queue_id(now)
             row["queue_id"] = queue_id
             row["trace"] = trace(queue_id)
+            for e in tagged:
+                e["queue_id"] = queue_id
             try:
-                self._insert(row, env.recipients, events, queue_id)
-            except sqlite3.IntegrityError as exc:
-                if "queue_id" not in str(exc):
-                    raise _classify(exc) from None
-                continue
+                self._insert(row, env.recipients, events)
             except sqlite3.Error as exc:
+                for e in tagged:
+                    e["queue_id"] = None
+                if isinstance(exc, sqlite3.IntegrityError) and "queue_id" in str(exc):
+                    continue
                 raise _classify(exc) from None
             return queue_id
         raise StoreError("no unique queue id after retries", R.R451_STORE_FAILED)
 
     def _insert(
-        self,
-        row: dict[str, object],
-        rcpts: list[str],
-        events: tuple[Sequence[EventRow], Sequence[EventRow]],
-        qid: str,
+        self, row: dict[str, object], rcpts: list[str], events: Sequence[EventRow]
     ) -> None:
         cur = self.conn.cursor()
         cur.execute("BEGIN IMMEDIATE")
@@ -135,8 +135,7 @@ class Queue:
                 rendered.INSERT_RECIPIENT,
                 [{"message_id": mid, "position": i, "address": a} for i, a in enumerate(rcpts)],
             )
-            cur.executemany(rendered.INSERT_EVENT, events[0])
-            cur.executemany(rendered.INSERT_EVENT, [{**e, "queue_id": qid} for e in events[1]])
+            cur.executemany(rendered.INSERT_EVENT, events)
             cur.execute("COMMIT")
         except BaseException:
             if self.conn.in_transaction:

@@ -40,9 +40,14 @@ COMMAND_TIMEOUT = 300.0
 # answers 421 and closes (Postfix smtpd_soft_error_limit is 10, the hard one 20).
 ERROR_LIMIT = 10
 
-# Not in an RFC: NOOP/RSET/VRFY/EXPN/HELP allowed before each further one also
-# counts as an error (Postfix smtpd_junk_command_limit).
+# Not in an RFC: NOOP/RSET/VRFY/EXPN/HELP/HELO/EHLO allowed before each further one
+# also counts as an error (Postfix smtpd_junk_command_limit, which leaves HELO out: it
+# logs no event per HELO, this receiver does).  Restarts after each accepted message.
 JUNK_COMMAND_LIMIT = 100
+
+# Not in an RFC: RCPTs refused past maxrecip before each further one also counts as an
+# error (Postfix smtpd_recipient_overshoot_limit).  Restarts after each accepted message.
+RECIPIENT_OVERSHOOT = 1000
 
 # FWTK 2.1 logged client text with %.512s; the audit log does the same.
 LOG_TEXT_MAX = 512

@@ -15,9 +15,15 @@ no reference to it any more.
 
 The session appends audit events to ``events`` as tuples (kind, detail, address,
 code): kinds are connect, helo, mail, rcpt, reject (detail = reason), accept
-(detail = queue id), vrfy, expn, timeout, disconnect.  Client text in events is
-cut to LOG_TEXT_MAX octets and control characters are shown as ``?``.  The driver
-drains the list (``events.clear()`` after reading).
+(detail = queue id), vrfy, expn, timeout, disconnect.  ``address`` is the mailbox
+the event is about, as it would be stored (brackets and source route removed): the
+sender for mail/accept and for refusals of MAIL, its parameters or the message
+data; the recipient for rcpt and refusals of RCPT; ``"<>"`` for the null sender;
+``""`` when the event concerns no address.  A refused path that cannot be parsed is
+logged as the text between its brackets.  So ``smapq report`` can count refusals
+per sender and recipient.  Client text in events is cut to LOG_TEXT_MAX octets and
+control characters are shown as ``?``.  The driver drains the list
+(``events.clear()`` after reading).
 
 DATA: end of data is ONLY ``<CRLF>.<CRLF>`` (RFC 5321 4.1.1.4).  Bare-newline
 policy (SMTP smuggling, CVE-2023-51764/5/6): a bare LF or bare CR never ends the
@@ -34,6 +40,12 @@ Limits: command lines over 512 octets and text lines over 1000 octets get 500
 5.5.2; the session reads to the end of the line (or of the data) first, keeping
 at most a few octets of an overlong command and at most about 4/3 * maxbytes of a
 body.  ``maxbytes`` < 0 and ``maxrecip`` < 0 mean unlimited (smap's defaults).
+Every command either counts toward a limit or ends a transaction that counts
+(HELO/EHLO and RSET are junk commands, RCPTs past maxrecip count once past the
+overshoot allowance), so a session that stores no mail makes a bounded number of
+events and then gets 421: a flood of ``HELO x`` cannot grow the driver's memory or
+the audit log without end.  The junk and overshoot counts restart after each
+accepted message, as Postfix does, so many messages per connection are fine.
 
 Security: the session trusts nothing it is fed; it never raises on input (a
 hypothesis test feeds it arbitrary bytes).  Addresses are checked by
@@ -78,6 +90,20 @@ def show(data: bytes) -> str:
     return data[: limits.LOG_TEXT_MAX].translate(_SHOW).decode("utf-8", "backslashreplace")
 
 
+def _logged_address(path: bytes) -> str:
+    """A parsed path as events show it: ``<>`` for the null path, else ``show``."""
+    return show(path) if path else "<>"
+
+
+def _path_text(rest: bytes) -> str:
+    """Best-effort address text of a path that did not parse (for the audit log)."""
+    rest = rest.strip(b" ")
+    if rest[:1] == b"<":
+        end = rest.rfind(b">")
+        rest = rest[1:end] if end > 0 else rest[1:]
+    return show(rest)
+
+
 class Envelope:
     """A complete message the driver must store before the client hears 250."""
 
@@ -113,6 +139,7 @@ class Session:
         "_junk_count",
         "_line_start",
         "_out",
+        "_overshoot",
         "_params",
         "_pos",
         "_rcpts",
@@ -148,6 +175,7 @@ class Session:
         self._data_reply = b""
         self._errors = 0
         self._junk_count = 0
+        self._overshoot = 0
         self._esmtp = False
         self._helo = ""
         self._sender: str | None = None
@@ -183,14 +211,15 @@ class Session:
     def stored(self, queue_id: str) -> bytes:
         """The pending message is committed: reply 250 and go on with the input."""
         env = self._take_pending()
-        self.events.append(("accept", queue_id, env.sender, 250))
+        self.events.append(("accept", queue_id, env.sender or "<>", 250))
+        self._junk_count = self._overshoot = 0  # Postfix: reset after mail is delivered
         self._out = [self._r(R.R250_ACCEPTED % queue_id.encode("ascii", "replace"))]
         return self._run(keep_out=True)
 
     def store_failed(self, reply: bytes, reason: str) -> bytes:
         """The pending message could not be stored: send ``reply`` (4xx) instead."""
         env = self._take_pending()
-        self.events.append(("reject", reason, env.sender, int(reply[:3])))
+        self.events.append(("reject", reason, env.sender or "<>", int(reply[:3])))
         self._out = [self._r(reply)]
         return self._run(keep_out=True)
 
@@ -288,6 +317,9 @@ class Session:
     def _junk(self, reply: bytes) -> None:
         """Reply to NOOP/RSET/VRFY/EXPN/HELP; past JUNK_COMMAND_LIMIT each is an error."""
         self._reply(reply)
+        self._count_junk()
+
+    def _count_junk(self) -> None:
         self._junk_count += 1
         if self._junk_count > limits.JUNK_COMMAND_LIMIT:
             self._count_error()
@@ -327,12 +359,14 @@ class Session:
         if self._hello(arg, "HELO", R.R501_HELO_SYNTAX):
             self._esmtp = False
             self._out.append(R.R250_HELO % arg.strip(b" "))
+            self._count_junk()
 
     def smtp_EHLO(self, arg: bytes) -> None:
         if self._hello(arg, "EHLO", R.R501_EHLO_SYNTAX):
             self._esmtp = True
             size = R.EHLO_SIZE_LIMIT % self.max_bytes if self.max_bytes >= 0 else R.EHLO_SIZE
             self._out.append(R.R250_EHLO % (self.hostname, arg.strip(b" "), size))
+            self._count_junk()
 
     # --- the transaction ---
     def smtp_MAIL(self, arg: bytes) -> None:
@@ -344,51 +378,54 @@ class Session:
             return
         status, path, rest = address.split_path(arg[5:])
         if status != address.OK:
-            self._bad_address(status, arg, True)
-            return
-        params = address.parse_params(rest)
-        if params is None:
-            self._error(R.R501_PARAM_SYNTAX, "MAIL parameter syntax", show(arg))
-            return
-        if params and not self._mail_params(params):
+            self._bad_address(status, _path_text(arg[5:]), True)
             return
         mailbox = address.strip_source_route(path)
+        shown = _logged_address(path if mailbox is None else mailbox)
+        params = address.parse_params(rest)
+        if params is None:
+            self._error(R.R501_PARAM_SYNTAX, "MAIL parameter syntax", shown)
+            return
+        if params and not self._mail_params(params, shown):
+            return
         if mailbox is None:
             status = address.SYNTAX
         elif mailbox:  # b"" is the null reverse-path <>, always allowed
             status = address.check_mailbox(mailbox, "SMTPUTF8" in params)
         if status != address.OK or mailbox is None:
-            self._bad_address(status, arg, True)
+            self._bad_address(status, shown, True)
             return
         self._sender = mailbox.decode("utf-8")
         self._params = params
-        self.events.append(("mail", show(rest.strip()), self._sender, 250))
+        self.events.append(("mail", show(rest.strip()), shown, 250))
         self._reply(R.R250_SENDER_OK % (b"<" + mailbox + b">"))
 
-    def _mail_params(self, params: dict[str, str]) -> bool:
+    def _mail_params(self, params: dict[str, str], sender: str) -> bool:
         """Check MAIL parameters; False when a refusal was sent."""
         if not self._esmtp:
-            self._error(R.R555_PARAM, "MAIL parameters without EHLO")
+            self._error(R.R555_PARAM, "MAIL parameters without EHLO", sender)
             return False
         for key, value in params.items():
             if key == "SIZE":
                 if not value.isdigit() or len(value) > 20:
-                    self._error(R.R501_PARAM_SYNTAX, "bad SIZE=" + value[:40])
+                    self._error(R.R501_PARAM_SYNTAX, "bad SIZE=" + value[:40], sender)
                     return False
                 if 0 <= self.max_bytes < int(value):
-                    self._error(R.R552_TOO_BIG, "declared SIZE=" + value + " over maxbytes")
+                    self._error(
+                        R.R552_TOO_BIG, "declared SIZE=" + value + " over maxbytes", sender
+                    )
                     return False
             elif key == "BODY":
                 if value.upper() not in ("7BIT", "8BITMIME"):
-                    self._error(R.R501_PARAM_SYNTAX, "bad BODY=" + value[:40])
+                    self._error(R.R501_PARAM_SYNTAX, "bad BODY=" + value[:40], sender)
                     return False
                 params[key] = value.upper()
             elif key != "SMTPUTF8" or value:
-                self._error(R.R555_PARAM, "unsupported MAIL parameter " + key[:40])
+                self._error(R.R555_PARAM, "unsupported MAIL parameter " + key[:40], sender)
                 return False
         return True
 
-    def _bad_address(self, status: int, arg: bytes, sender: bool) -> None:
+    def _bad_address(self, status: int, shown: str, sender: bool) -> None:
         if status == address.TOO_LONG:
             reply, reason = R.R501_PATH_TOO_LONG, "path too long"
         elif status == address.DASH:
@@ -402,7 +439,7 @@ class Session:
         else:
             reply = R.R501_BAD_SENDER if sender else R.R501_BAD_RCPT
             reason = "bad address syntax"
-        self._error(reply, ("sender: " if sender else "recipient: ") + reason, show(arg))
+        self._error(reply, ("sender: " if sender else "recipient: ") + reason, shown)
 
     def smtp_RCPT(self, arg: bytes) -> None:
         if self._sender is None:
@@ -412,24 +449,31 @@ class Session:
             self._error(R.R501_RCPT_SYNTAX, "RCPT syntax", show(arg))
             return
         status, mailbox, rest = address.split_path(arg[3:])
-        if status == address.OK and rest.strip():
-            self._error(R.R555_PARAM, "unsupported RCPT parameter", show(arg))
-            return
-        if status == address.OK:
-            stripped = address.strip_source_route(mailbox)
-            if stripped is None:
-                status = address.SYNTAX
-            elif stripped.lower() == b"postmaster":  # RFC 5321 4.5.1: always accepted
-                mailbox = b"postmaster"
-            else:
-                mailbox = stripped
-                status = address.check_mailbox(mailbox, "SMTPUTF8" in self._params)
         if status != address.OK:
-            self._bad_address(status, arg, False)
+            self._bad_address(status, _path_text(arg[3:]), False)
+            return
+        stripped = address.strip_source_route(mailbox)
+        shown = _logged_address(mailbox if stripped is None else stripped)
+        if rest.strip():
+            self._error(R.R555_PARAM, "unsupported RCPT parameter", shown)
+            return
+        if stripped is None:
+            status = address.SYNTAX
+        elif stripped.lower() == b"postmaster":  # RFC 5321 4.5.1: always accepted
+            mailbox = b"postmaster"
+            shown = "postmaster"
+        else:
+            mailbox = stripped
+            status = address.check_mailbox(mailbox, "SMTPUTF8" in self._params)
+        if status != address.OK:
+            self._bad_address(status, shown, False)
             return
         rcpt = mailbox.decode("utf-8")
         if 0 <= self.max_recipients <= len(self._rcpts):
             self._reject(R.R452_TOO_MANY_RCPTS, "too many recipients", rcpt)
+            self._overshoot += 1
+            if self._overshoot > limits.RECIPIENT_OVERSHOOT:
+                self._count_error()
             return
         self._rcpts.append(rcpt)
         self.events.append(("rcpt", "", rcpt, 250))
@@ -481,7 +525,7 @@ class Session:
         self._scan = 0
         if reply:
             self._state = _CMD
-            self._error(reply, _DATA_REASONS[reply], self._sender or "")
+            self._error(reply, _DATA_REASONS[reply], self._sender or "<>")
             self._reset()
             return True
         return False  # _finish() set pending

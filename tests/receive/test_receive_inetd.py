@@ -7,6 +7,7 @@ the jail off.
 
 from __future__ import annotations
 
+import json
 import smtplib
 import sqlite3
 import time
@@ -15,6 +16,7 @@ from email.message import EmailMessage
 
 import pytest
 
+from smapq.smtp import limits
 from smapq.smtp import replies as R
 from tests.receive.conftest import Rig
 
@@ -286,12 +288,16 @@ def test_database_busy_is_451_and_the_session_goes_on(rig: Rig) -> None:
 
 
 def test_client_that_never_reads_is_dropped(rig_factory: Callable[..., Rig]) -> None:
-    rig = rig_factory("smap: timeout 1\n")
+    rig = rig_factory("smap: timeout 1\nsmap: maxrecip 100000\n")
     c = rig.client()
+    c.cmd(b"EHLO c")
+    c.cmd(b"MAIL FROM:<a@b.c>")
     c.sock.settimeout(2)
-    flood = b"HELO x\r\n" * 8192  # neither junk nor errors: only the replies pile up
+    # Up to maxrecip, RCPTs are neither junk nor errors: only their long replies pile up
+    # (26 MB of them, more than both socket buffers hold).
+    flood = (b"RCPT TO:<" + b"r" * 240 + b"@e.f>\r\n") * 1000
     try:
-        for _ in range(2000):
+        for _ in range(100):
             c.sock.sendall(flood)
     except TimeoutError:
         pass  # both sides' buffers are full: smap is blocked writing to us
@@ -318,3 +324,100 @@ def test_accepted_message_survives_later_errors_in_the_session(
     assert c.reply().startswith(b"421 ")
     assert c.eof()
     assert rig.rows("SELECT body, state FROM messages") == [(b"kept\r\n", "received")]
+
+
+def report(rig: Rig, name: str) -> list[dict[str, object]]:
+    """``smapq report NAME --format json`` (the stable format) on the rig's spool."""
+    rig.idle()
+    out = rig.spool.smapq("report", name, "--format", "json").stdout
+    rows = json.loads(out)["rows"]
+    assert isinstance(rows, list)
+    return rows
+
+
+def test_refused_traffic_is_audited_for_the_reports(rig: Rig) -> None:
+    c = rig.client()
+    c.cmd(b"EHLO c")
+    assert c.cmd(b"MAIL FROM:<-oQ/tmp@x>") == R.R553_SENDER_DASH
+    assert c.cmd(b"MAIL FROM:<alice@example.org>") == R.R250_SENDER_OK % b"<alice@example.org>"
+    assert c.cmd(b"RCPT TO:<bob@example.org> NOTIFY=NEVER") == R.R555_PARAM
+    assert c.cmd(b"VRFY root") == R.R252_VRFY
+    assert c.cmd(b"RCPT TO:<bob@example.org>") == R.R250_RCPT_OK % b"<bob@example.org>"
+    c.cmd(b"DATA")
+    qid = c.cmd(b"hi\r\n.").split()[-1].decode()
+    assert c.cmd(b"MAIL FROM:<alice@example.org> SIZE=999999999") == R.R552_TOO_BIG
+    assert c.cmd(b"MAIL FROM:<> SIZE=999999999") == R.R552_TOO_BIG
+    c.cmd(b"QUIT")
+    assert c.eof()
+    # In the order they happened, each refusal naming the refused address and its code;
+    # the message's own events carry its queue id.
+    assert rig.rows("SELECT kind, address, code, queue_id FROM events ORDER BY id") == [
+        ("connect", None, 220, None),
+        ("helo", "c", 250, None),
+        ("reject", "-oQ/tmp@x", 553, None),
+        ("mail", "alice@example.org", 250, qid),
+        ("reject", "bob@example.org", 555, qid),
+        ("vrfy", None, 252, None),
+        ("rcpt", "bob@example.org", 250, qid),
+        ("accept", "alice@example.org", 250, qid),
+        ("reject", "alice@example.org", 552, None),
+        ("reject", "", 552, None),  # the null sender, stored as messages.mail_from has it
+        ("disconnect", None, None, None),
+    ]
+    senders = {r["sender"]: r["refused"] for r in report(rig, "senders")}
+    assert senders == {"alice@example.org": 1}
+    recipients = {r["recipient"]: r["refused"] for r in report(rig, "recipients")}
+    assert recipients == {"bob@example.org": 1}
+    (client,) = report(rig, "clients")
+    assert (client["client_addr"], client["refused"]) == ("127.0.0.1", 4)
+    (session,) = report(rig, "sessions")
+    assert {k: session[k] for k in ("connections", "accepted", "refused", "vrfy")} == {
+        "connections": 1,
+        "accepted": 1,
+        "refused": 4,
+        "vrfy": 1,
+    }
+    refused = {(r["kind"], r["code"]): r["count"] for r in report(rig, "refused")}
+    assert refused == {
+        ("reject", 553): 1,
+        ("reject", 555): 1,
+        ("reject", 552): 2,
+        ("vrfy", 252): 1,
+    }
+
+
+def test_a_helo_flood_ends_in_421_with_bounded_events(rig: Rig) -> None:
+    # Each HELO used to add an event row kept in memory until the session ended: 2
+    # million of them took 500 MB and a 15 s write lock on the queue.
+    c = rig.client()
+    n = limits.JUNK_COMMAND_LIMIT + limits.ERROR_LIMIT
+    for _ in range(n):
+        assert c.cmd(b"HELO x") == R.R250_HELO % b"x"
+    assert c.reply().endswith(b" Error: too many errors\r\n")
+    assert c.eof()
+    assert rig.rows("SELECT kind, count(*) FROM events GROUP BY kind ORDER BY kind") == [
+        ("connect", 1),
+        ("disconnect", 1),
+        ("helo", n),
+        ("reject", 1),
+    ]
+
+
+def test_events_past_the_flush_size_are_all_written_in_order(
+    rig_factory: Callable[..., Rig],
+) -> None:
+    rig = rig_factory("smap: maxrecip 2000\n")
+    c = rig.client()
+    txn = b"MAIL FROM:<a@b.c>\r\n" + b"".join(b"RCPT TO:<r%d@e.f>\r\n" % i for i in range(700))
+    c.send(b"EHLO c\r\n" + (txn + b"RSET\r\n") * 2 + txn + b"DATA\r\n")
+    while c.reply() != R.R354_DATA:
+        pass
+    qid = c.cmd(b"x\r\n.").split()[-1].decode()
+    c.cmd(b"QUIT")
+    assert c.eof()
+    rows = rig.rows("SELECT kind, queue_id FROM events ORDER BY id")
+    txn_kinds = ["mail"] + ["rcpt"] * 700
+    assert [k for k, _ in rows] == (
+        ["connect", "helo", *txn_kinds, *txn_kinds, *txn_kinds, "accept", "disconnect"]
+    )
+    assert [q for _, q in rows] == [None] * (2 + 2 * 701) + [qid] * 702 + [None]

@@ -50,10 +50,12 @@ def spool(tmp_path: Path) -> Spool:
 
 def test_accept_writes_message_recipients_and_events_together(spool: Spool) -> None:
     q = Queue(str(spool.db))
+    connect, mail, acc = event("connect"), event("mail", "a@b.c"), event("accept", "a@b.c")
     qid = q.accept(
         envelope(),
         SESSION,
-        ([event("connect")], [event("mail", "a@b.c"), event("accept", "a@b.c")]),
+        [connect, mail, acc],
+        [mail, acc],
         lambda qid: f"Received: by x id {qid}\r\n",
         1000.0,
     )
@@ -71,6 +73,7 @@ def test_accept_writes_message_recipients_and_events_together(spool: Spool) -> N
     assert msg[5:] == ("192.0.2.1", 2525, 1000.0)
     assert rcpts == [(0, "d@e.f"), (1, "g@h.i")]
     assert evs == [("connect", None), ("mail", qid), ("accept", qid)]
+    assert connect["queue_id"] is None and mail["queue_id"] == acc["queue_id"] == qid
 
 
 def test_a_failing_row_leaves_nothing(spool: Spool) -> None:
@@ -78,9 +81,10 @@ def test_a_failing_row_leaves_nothing(spool: Spool) -> None:
     bad = event("mail")
     bad["kind"] = None  # NOT NULL: fails after the message and recipients were inserted
     with pytest.raises(StoreError) as err:
-        q.accept(envelope(), SESSION, ([], [bad]), lambda qid: "", 1.0)
+        q.accept(envelope(), SESSION, [bad], [bad], lambda qid: "", 1.0)
     q.close()
     assert err.value.reply == R.R451_STORE_FAILED
+    assert bad["queue_id"] is None  # the rows go to the session log without a queue id
     assert (count(spool, "messages"), count(spool, "recipients"), count(spool, "events")) == (
         0,
         0,
@@ -94,13 +98,13 @@ def test_busy_database_is_451(spool: Spool) -> None:
     q = Queue(str(spool.db), busy_ms=50)
     try:
         with pytest.raises(StoreError) as err:
-            q.accept(envelope(), SESSION, ([], []), lambda qid: "", 1.0)
+            q.accept(envelope(), SESSION, [], [], lambda qid: "", 1.0)
     finally:
         blocker.execute("ROLLBACK")
         blocker.close()
     assert err.value.reply == R.R451_STORE_FAILED
     assert "locked" in err.value.reason
-    q.accept(envelope(), SESSION, ([], []), lambda qid: "", 1.0)  # and then it works
+    q.accept(envelope(), SESSION, [], [], lambda qid: "", 1.0)  # and then it works
     q.close()
     assert count(spool, "messages") == 1
 
@@ -110,7 +114,7 @@ def test_full_database_is_452(spool: Spool) -> None:
     pages = q.conn.execute("PRAGMA page_count").fetchone()[0]
     q.conn.execute(f"PRAGMA max_page_count = {pages + 2}")
     with pytest.raises(StoreError) as err:
-        q.accept(envelope(b"x" * 200_000 + b"\r\n"), SESSION, ([], []), lambda qid: "", 1.0)
+        q.accept(envelope(b"x" * 200_000 + b"\r\n"), SESSION, [], [], lambda qid: "", 1.0)
     q.close()
     assert err.value.reply == R.R452_NO_SPACE
     assert count(spool, "messages") == 0

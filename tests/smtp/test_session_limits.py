@@ -149,7 +149,50 @@ def test_default_error_limit() -> None:
 def test_junk_commands_eventually_count_as_errors() -> None:
     n = limits.JUNK_COMMAND_LIMIT + limits.ERROR_LIMIT
     run = drive([EHLO + b"NOOP\r\n" * (n + 5)])
-    assert run.codes() == [220, 250] + [250] * n + [421]
+    assert run.codes() == [220, 250] + [250] * (n - 1) + [421]  # EHLO counts too
+
+
+def test_junk_count_restarts_after_each_accepted_message() -> None:
+    # Postfix does the same: a client that says RSET before every message may send
+    # any number of them on one connection.
+    one = b"RSET\r\nMAIL FROM:<a@b.c>\r\nRCPT TO:<d@e.f>\r\nDATA\r\nx\r\n.\r\n"
+    n = 2 * (limits.JUNK_COMMAND_LIMIT + limits.ERROR_LIMIT)
+    run = drive([EHLO + one * n + b"QUIT\r\n"])
+    assert len(run.envelopes) == n
+    assert run.codes()[-1] == 221
+
+
+def test_recipients_past_the_overshoot_count_as_errors() -> None:
+    over = limits.RECIPIENT_OVERSHOOT + limits.ERROR_LIMIT
+    rcpts = b"".join(b"RCPT TO:<r%d@e.f>\r\n" % i for i in range(2 + over + 5))
+    run = drive([EHLO + b"MAIL FROM:<a@b.c>\r\n" + rcpts], max_recipients=2)
+    assert run.codes() == [220, 250, 250, 250, 250] + [452] * over + [421]
+    assert run.session.closed
+
+
+# Commands that each make an audit event without storing mail.  Every one of them,
+# repeated, must end in 421: otherwise a client could grow the receiver's memory and
+# the audit log without bound (a flood of "HELO x" once made 2 million rows).
+FLOODS = [
+    b"HELO x\r\n",
+    b"EHLO x\r\n",
+    b"NOOP\r\n",
+    b"VRFY root\r\n",
+    b"MAIL FROM:<a@b.c>\r\nRSET\r\n",
+    b"MAIL FROM:<a@b.c>\r\nRCPT TO:<d@e.f>\r\nRCPT TO:<g@h.i>\r\nHELO x\r\n",
+    b"MAIL FROM:<a@b.c>\r\nRCPT TO:<d@e.f>\r\nDATA\r\na\nb\r\n.\r\n",
+    b"RCPT TO:<d@e.f>\r\n",
+]
+
+
+@pytest.mark.parametrize("unit", FLOODS, ids=[f.split(b"\r")[0].decode() for f in FLOODS])
+def test_a_session_that_stores_nothing_makes_bounded_events(unit: bytes) -> None:
+    run = drive([EHLO + b"MAIL FROM:<a@b.c>\r\n" + unit * 20000], max_recipients=1)
+    assert run.session.closed
+    assert run.codes()[-1] == 421
+    # Junk + errors allowance, each with a transaction's worth of events at most.
+    bound = (limits.JUNK_COMMAND_LIMIT + limits.ERROR_LIMIT) * 6 + limits.RECIPIENT_OVERSHOOT
+    assert len(run.session.events) < bound
 
 
 def test_refused_transactions_count_as_errors() -> None:

@@ -144,7 +144,7 @@ def test_events_record_the_dialogue() -> None:
         ("helo", "EHLO", "c.example", 250),
         ("vrfy", "root", "", 252),
         ("expn", "staff", "", 502),
-        ("reject", "sender: address starts with '-'", "FROM:<-x@y.z>", 553),
+        ("reject", "sender: address starts with '-'", "-x@y.z", 553),
         ("mail", "", "a@b.c", 250),
         ("rcpt", "", "d@e.f", 250),
         ("accept", "Q1", "a@b.c", 250),
