@@ -2,12 +2,20 @@
 
 from __future__ import annotations
 
+from types import ModuleType
+
 import click
 
 from smapq import spool
-from smapq.store import migrate
 
 from .common import State, echo_lines, pass_state
+
+
+def _migrate() -> ModuleType:
+    # alembic costs ~70 ms to import; only init and db need it, not every command.
+    from smapq.store import migrate  # noqa: PLC0415
+
+    return migrate
 
 
 @click.command("init")
@@ -54,6 +62,7 @@ def db_group() -> None:
 @pass_state
 def db_upgrade(state: State, revision: str) -> None:
     """Migrate the queue database to REVISION (default: head)."""
+    migrate = _migrate()
     engine = state.engine()
     before = migrate.current_revision(engine)
     migrate.upgrade(engine, revision)
@@ -66,6 +75,7 @@ def db_upgrade(state: State, revision: str) -> None:
 @pass_state
 def db_downgrade(state: State, revision: str) -> None:
     """Migrate the queue database down to REVISION ('base' drops everything)."""
+    migrate = _migrate()
     engine = state.engine()
     migrate.downgrade(engine, revision)
     click.echo(f"schema {migrate.current_revision(engine) or 'empty'}")
@@ -75,13 +85,14 @@ def db_downgrade(state: State, revision: str) -> None:
 @pass_state
 def db_current(state: State) -> None:
     """Print the schema revision of the queue database."""
-    click.echo(migrate.current_revision(state.engine(readonly=True)) or "empty")
+    click.echo(_migrate().current_revision(state.engine(readonly=True)) or "empty")
 
 
 @db_group.command("check")
 @pass_state
 def db_check(state: State) -> None:
     """Exit non-zero unless the queue database is at the newest schema."""
+    migrate = _migrate()
     engine = state.engine(readonly=True)
     migrate.require_current(engine)
     click.echo(f"schema {migrate.head_revision(engine)} is current")

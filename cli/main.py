@@ -51,7 +51,7 @@ cli.add_command(import_spool_cmd)
 def run(args: list[str] | None = None, prog: str = "smapq") -> int:
     """Run the CLI and return its exit code instead of raising SystemExit."""
     try:
-        cli.main(args=args, prog_name=prog, standalone_mode=False)
+        rv = cli.main(args=args, prog_name=prog, standalone_mode=False)
     except click.exceptions.Abort:
         click.echo(f"{prog}: aborted", err=True)
         return 1
@@ -72,7 +72,8 @@ def run(args: list[str] | None = None, prog: str = "smapq") -> int:
 
         traceback.print_exc()
         return EX_SOFTWARE
-    return 0
+    # In non-standalone mode click returns the code of ctx.exit(n) instead of raising.
+    return rv if isinstance(rv, int) else 0
 
 
 def main() -> None:
