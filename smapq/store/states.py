@@ -7,7 +7,8 @@ that commit nothing of the message exists in the database: a dropped connection,
 timeout or a crash leaves no row, and a later error in the same session never touches
 a committed row.
 
-Transitions, each ONE transaction that also appends an event:
+Transitions, each atomic with its event: one transaction, or one fenced statement in a
+transaction the deliverer shares between outcomes that finish together (group commit):
 
     received --claim--> delivering --outcome--> delivered | received (deferred) | bad
     delivering --lease expired (checked on every claim poll)--> received
@@ -21,6 +22,10 @@ Consequence, stated honestly: delivery is at-least-once. A crash after sendmail
 succeeded but before the outcome commit hands the message out again when the lease
 expires. Per-recipient ``sent_at`` is committed after each successful sendmail batch,
 so a retry only re-sends the batch that was in flight. Never at-most-once; never lost.
+
+Durability: the receiver's commit uses ``synchronous=FULL``; the deliverer's own
+connection uses NORMAL, so a power loss can roll back only deliverer transitions (claim,
+outcome), which means a redelivery, never a lost message.
 """
 
 from __future__ import annotations
