@@ -38,13 +38,14 @@ def import_spool_cmd(
 
     Stop smap and smapd first. Each file is imported once (a re-run imports nothing
     twice) and moved to the imported directory; incomplete (mode 0600), locked or
-    malformed files are reported and left where they are. The exit status is 1 if a
-    malformed file was left.
+    malformed files are reported and left where they are, and so is every recipient
+    dropped for starting with '-' (as smapd did). The exit status is 1 if a malformed
+    file was left.
     """
     last = [0.0]
 
     def report(r: imp.FileResult) -> None:
-        if verbose or r.status not in (imp.IMPORTED, imp.ALREADY):
+        if verbose or r.alert or r.status not in (imp.IMPORTED, imp.ALREADY):
             click.echo(r.line())
 
     def progress(done: int, total: int) -> None:

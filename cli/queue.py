@@ -128,10 +128,11 @@ def _show_table(info: dict[str, Any], width: int) -> None:
                 output.Column("kind"),
                 output.Column("code", "int"),
                 output.Column("client_addr", title="CLIENT"),
+                output.Column("address", flex=True),
                 output.Column("detail", flex=True),
             ],
             [
-                (e["at"], e["kind"], e["code"], e["client_addr"], e["detail"])
+                (e["at"], e["kind"], e["code"], e["client_addr"], e["address"], e["detail"])
                 for e in info["events"]
             ],
         ),

@@ -146,13 +146,18 @@ def _locked(fd: int) -> bool:
 
 
 class FileResult:
-    __slots__ = ("name", "queue_id", "reason", "status")
+    """What happened to one file; ``alert``: an operator must hear of it even when quiet."""
 
-    def __init__(self, name: str, status: str, reason: str = "", queue_id: str = "") -> None:
+    __slots__ = ("alert", "name", "queue_id", "reason", "status")
+
+    def __init__(
+        self, name: str, status: str, reason: str = "", queue_id: str = "", alert: bool = False
+    ) -> None:
         self.name = name
         self.status = status
         self.reason = reason
         self.queue_id = queue_id
+        self.alert = alert
 
     def line(self) -> str:
         why = f": {self.reason}" if self.reason else ""
@@ -320,4 +325,4 @@ def _one(
         notes.append("no smap Received: line")
     queue_id = "(dry run)" if dry_run else _insert(conn, name, key, msg, st)
     done_keys.add(key)
-    return FileResult(name, IMPORTED, "; ".join(notes), queue_id)
+    return FileResult(name, IMPORTED, "; ".join(notes), queue_id, alert=bool(msg.dropped))

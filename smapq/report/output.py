@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import csv
 import json
+import unicodedata
 from collections.abc import Callable, Iterable, Iterator, Sequence
 from itertools import islice
 from typing import Any, TextIO
@@ -189,19 +190,47 @@ def cell(kind: str, value: Any) -> str:
     return "".join(ch if ch.isprintable() else "?" for ch in str(value))
 
 
+def _char_width(ch: str) -> int:
+    """Terminal columns of one printable character: 2 for East Asian wide, 0 for marks."""
+    if unicodedata.combining(ch) or unicodedata.category(ch) in ("Mn", "Me", "Cf"):
+        return 0
+    return 2 if unicodedata.east_asian_width(ch) in ("W", "F") else 1
+
+
+def display_width(text: str) -> int:
+    """Columns ``text`` takes on a terminal (``len`` counts code points, not columns)."""
+    if text.isascii():
+        return len(text)
+    return sum(_char_width(ch) for ch in text)
+
+
 def fit(text: str, width: int) -> str:
-    if len(text) <= width:
+    """``text`` cut to at most ``width`` columns, with '…' where it was cut."""
+    if display_width(text) <= width:
         return text
-    if width <= 1:
-        return text[:width]
-    return text[: width - 1] + ELLIPSIS
+    room = width - 1 if width > 1 else width
+    kept: list[str] = []
+    used = 0
+    for ch in text:
+        used += _char_width(ch)
+        if used > room:
+            break
+        kept.append(ch)
+    cut = "".join(kept)
+    return cut if width <= 1 else cut + ELLIPSIS
+
+
+def pad(text: str, width: int, right: bool = False) -> str:
+    """``text`` padded with spaces to ``width`` columns (on the left if ``right``)."""
+    fill = " " * max(0, width - display_width(text))
+    return fill + text if right else text + fill
 
 
 def widths(columns: Sequence[Column], sample: Sequence[Sequence[str]], total: int) -> list[int]:
     """Natural widths; flexible columns shrink so a line fits ``total`` (0: no limit)."""
-    natural = [len(c.title) for c in columns]
+    natural = [display_width(c.title) for c in columns]
     for cells in sample:
-        natural = [max(w, len(s)) for w, s in zip(natural, cells, strict=True)]
+        natural = [max(w, display_width(s)) for w, s in zip(natural, cells, strict=True)]
     if total <= 0:
         return natural
     room = total - len(GAP) * (len(columns) - 1)
@@ -232,7 +261,7 @@ def write_table(report: Report, out: TextIO, width: int = TABLE_WIDTH) -> None:
         parts = []
         for c, w, text in zip(cols, ws, texts, strict=True):
             s = fit(text, w)
-            parts.append(s.rjust(w) if c.kind in _NUMERIC else s.ljust(w))
+            parts.append(pad(s, w, right=c.kind in _NUMERIC))
         return GAP.join(parts).rstrip() + "\n"
 
     out.write(line([c.title for c in cols]))

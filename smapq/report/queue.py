@@ -226,7 +226,8 @@ class Outcome:
             return f"{self.queue_id}: unchanged ({self.before}): {self.reason}"
         verb = "would go" if dry_run else ""
         arrow = f"{self.before} -> {self.after}"
-        return f"{self.queue_id}: {verb + ' ' if verb else ''}{arrow}"
+        why = f" ({self.reason})" if self.reason else ""
+        return f"{self.queue_id}: {verb + ' ' if verb else ''}{arrow}{why}"
 
 
 # verb -> (event kind, states it applies to, target state, due now)
@@ -238,19 +239,26 @@ VERBS: dict[str, tuple[str, tuple[str, ...], str, bool]] = {
 }
 
 
+def _live_lease(row: Any, now: float) -> bool:
+    return bool(row.state == states.DELIVERING and (row.lease_expires_at or 0) >= now)
+
+
 def _why_not(verb: str, row: Any, now: float) -> str:
     if row.state == states.DELIVERING:
         until = timespec.iso(row.lease_expires_at)
-        return f"in delivery (lease until {until}); try again when the attempt is over"
+        if _live_lease(row, now):
+            return f"in delivery (lease until {until}); try again when the attempt is over"
+        # Only the deliverer's recovery may take it back: requeueing it here could start
+        # a second delivery while the first sendmail still runs.
+        return (
+            f"in delivery, lease expired at {until}; the next deliverer run takes it back"
+            " to received (delete works now)"
+        )
     if verb == "release":
         return "not held"
     if row.state == states.DELIVERED:
         return "already delivered"
     return f"already {row.state}"
-
-
-def _live_lease(row: Any, now: float) -> bool:
-    return bool(row.state == states.DELIVERING and (row.lease_expires_at or 0) >= now)
 
 
 def change(
@@ -296,7 +304,10 @@ def change(
                 queries.add_event(
                     conn, kind, at=now, queue_id=qid, detail=f"{row.state} -> {target} by {who}"
                 )
-            outcomes.append(Outcome(qid, row.state, target))
+            note = ""
+            if row.state == states.DELIVERING:
+                note = "its lease had expired: a late outcome of that attempt is discarded"
+            outcomes.append(Outcome(qid, row.state, target, note))
     return outcomes
 
 
@@ -344,17 +355,22 @@ def purge(
                 after = (float(rows[-1].final_at), int(rows[-1].id))
                 ids = [int(r.id) for r in rows]
                 with_body = sum(1 for r in rows if r.has_body)
-                result.messages += len(rows)
                 if dry_run:
+                    result.messages += len(rows)
                     result.bodies += with_body
                     result.rows += 0 if keep_rows else len(rows)
                     conn.rollback()
                     continue
-                result.bodies += queries.purge_bodies(conn, ids, now)
+                # Each write re-checks the state: a message requeued meanwhile is skipped.
+                done = set(queries.purge_bodies(conn, ids, state))
+                result.bodies += len(done)
                 what = "body"
                 if not keep_rows:
-                    result.rows += queries.purge_rows(conn, ids)
+                    gone = queries.purge_rows(conn, ids, state)
+                    result.rows += len(gone)
+                    done.update(gone)
                     what = "body and row"
+                result.messages += len(done)
                 queries.insert_events(
                     conn,
                     [
@@ -365,6 +381,7 @@ def purge(
                             "detail": f"{state} {what} older than {timespec.iso(cutoff)} by {who}",
                         }
                         for r in rows
+                        if r.queue_id in done
                     ],
                 )
             if progress is not None:

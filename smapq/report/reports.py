@@ -135,6 +135,7 @@ def recipients(conn: Connection, w: Window) -> Report:
 
 
 def clients(conn: Connection, w: Window) -> Report:
+    """The ``top`` clients by messages and the ``top`` by refused commands (<= 2 x top)."""
     columns = [
         Column("client_addr", title="CLIENT"),
         Column("client_name", title="NAME", flex=True),
@@ -143,12 +144,20 @@ def clients(conn: Connection, w: Window) -> Report:
         Column("refused", "int", "REFUSED"),
     ]
     report = _report("clients", columns, w)
-    top = queries.report_top_clients(conn, w.since, w.until, w.top)
+    top = list(queries.report_top_clients(conn, w.since, w.until, w.top))
+    # A client that was only ever refused sent no message, yet it is the one an audit
+    # looks for: the N most refused clients join the N busiest.
+    listed = {r[0] for r in top}
+    refusing = queries.report_top_refused_clients(conn, w.since, w.until, w.top)
+    extra = [str(addr) for addr, _ in refusing if addr not in listed]
+    top += queries.report_client_totals(conn, extra, w.since, w.until)
     keys = [str(r[0]) for r in top if r[0] is not None]
     refused = queries.report_refused_counts(conn, "client_addr", keys, w.since, w.until)
-    report.rows = [
+    rows = [
         (addr, name, int(n), int(b or 0), refused.get(str(addr), 0)) for addr, name, n, b in top
     ]
+    rows.sort(key=lambda r: (-(r[2] + r[4]), r[0] is None, str(r[0])))
+    report.rows = rows
     return report
 
 

@@ -3,9 +3,10 @@
 Security: not a keyword filter. Three layers below the statement text make writes
 impossible: the engine opens the SQLite file ``mode=ro`` and sets ``query_only``; an
 SQLite authorizer (consulted by the SQL compiler for every table, column and action)
-allows only reads, functions, recursive CTEs, transactions and a list of read-only
-PRAGMAs -- so ``ATTACH`` of a writable file or ``PRAGMA query_only = 0`` is refused
-before it runs; on PostgreSQL the transaction is ``READ ONLY``.
+allows only reads, functions, recursive CTEs and a list of read-only PRAGMAs -- so
+``ATTACH`` of a writable file, ``PRAGMA query_only = 0`` or a ``COMMIT`` that would
+end our read-only transaction is refused before it runs; on PostgreSQL the
+transaction is ``READ ONLY``.
 
 Diagnostics: any error from the database (syntax, unknown table, refused action, more
 than one statement) is one line ``sql: <reason>`` and exit 64.
@@ -31,7 +32,6 @@ _ALLOWED = frozenset(
         sqlite3.SQLITE_READ,
         sqlite3.SQLITE_FUNCTION,
         sqlite3.SQLITE_RECURSIVE,
-        sqlite3.SQLITE_TRANSACTION,
     }
 )
 # PRAGMAs that only report; with an argument only the introspection ones.
@@ -91,6 +91,8 @@ def run(conn: Connection, statement: str, now: float, limit: int | None = None) 
     conn.exec_driver_sql("SELECT 1").close()
     with translated("sql", usage=True), _guarded(conn):
         names, rows = queries.run_sql(conn, statement)
+    if not names:
+        raise UsageError("sql: the statement returns no rows; only queries run here")
     columns = [Column(n or f"column{i + 1}", "raw", title=n or "?") for i, n in enumerate(names)]
     for c in columns:
         c.flex = True

@@ -699,19 +699,51 @@ def report_top_clients(
         .limit(top)
     )
     ranked = list(conn.execute(stmt))
+    return [
+        (addr, None if addr is None else _latest_client_name(conn, addr), cnt, size)
+        for addr, cnt, size in ranked
+    ]
+
+
+def report_top_refused_clients(
+    conn: Connection, since: float | None, until: float | None, top: int
+) -> list[Sequence[Any]]:
+    """(client_addr, reject events), most refused first; from ix_events_kind_client."""
+    e = events.c
+    n = func.count().label("n")
+    stmt = (
+        select(e.client_addr, n)
+        .where(e.kind == "reject", e.client_addr.is_not(None), *_window(e.at, since, until))
+        .group_by(e.client_addr)
+        .order_by(n.desc(), e.client_addr)
+        .limit(top)
+    )
+    return list(conn.execute(stmt))
+
+
+def report_client_totals(
+    conn: Connection, addrs: Sequence[str], since: float | None, until: float | None
+) -> list[Sequence[Any]]:
+    """(client_addr, latest client_name, messages, bytes) for the given clients."""
+    m = messages.c
     out: list[Sequence[Any]] = []
-    for addr, cnt, size in ranked:
-        name = None
-        if addr is not None:
-            latest = (
-                select(m.client_name)
-                .where(m.client_addr == addr)
-                .order_by(m.received_at.desc())
-                .limit(1)
+    for addr in addrs:
+        cnt, size = conn.execute(
+            select(func.count(), func.coalesce(func.sum(m.size), 0)).where(
+                m.client_addr == addr, *_window(m.received_at, since, until)
             )
-            name = conn.execute(latest).scalar()
-        out.append((addr, name, cnt, size))
+        ).one()
+        out.append((addr, _latest_client_name(conn, addr), int(cnt), int(size)))
     return out
+
+
+def _latest_client_name(conn: Connection, addr: str) -> str | None:
+    m = messages.c
+    latest = (
+        select(m.client_name).where(m.client_addr == addr).order_by(m.received_at.desc()).limit(1)
+    )
+    name = conn.execute(latest).scalar()
+    return None if name is None else str(name)
 
 
 def report_refused_counts(
@@ -942,9 +974,11 @@ def report_event_totals(conn: Connection, kinds: Sequence[str]) -> dict[str, int
 def run_sql(conn: Connection, sql: str) -> tuple[list[str], Iterable[Sequence[Any]]]:
     """The operator's own statement, on a connection the caller made read-only.
 
-    Returns the column names and the streamed rows.
+    Returns the column names and the streamed rows (no names: it returns no rows).
     """
     result = conn.execution_options(stream_results=True).exec_driver_sql(sql)
+    if not result.returns_rows:
+        return [], iter(())
     return list(result.keys()), result
 
 
@@ -1095,20 +1129,41 @@ def purge_candidates(
     return list(conn.execute(stmt))
 
 
-def purge_bodies(conn: Connection, message_ids: Sequence[int], now: float) -> int:
+# The purge writes re-check the state in the statement itself: on PostgreSQL (read
+# committed) a requeue of a bad message can commit between purge_candidates and these
+# writes, and a requeued message must never lose its body or its row.
+
+
+def purge_bodies(conn: Connection, message_ids: Sequence[int], state: str) -> list[str]:
+    """Drop the bodies of those messages still in ``state``; their queue ids.
+
+    ``updated_at`` stays: for bad mail it is the time of failure, which the bad report
+    shows and the next purge ages from (the 'purged' event records the drop).
+    """
     m = messages.c
     stmt = (
         messages.update()
-        .where(m.id.in_(list(message_ids)), m.body.is_not(None))
-        .values(body=None, updated_at=now)
+        .where(m.id.in_(list(message_ids)), m.state == state, m.body.is_not(None))
+        .values(body=None)
+        .returning(m.queue_id)
     )
-    return int(conn.execute(stmt).rowcount)
+    return [str(q) for q in conn.execute(stmt).scalars()]
 
 
-def purge_rows(conn: Connection, message_ids: Sequence[int]) -> int:
-    ids = list(message_ids)
-    conn.execute(recipients.delete().where(recipients.c.message_id.in_(ids)))
-    return int(conn.execute(messages.delete().where(messages.c.id.in_(ids))).rowcount)
+def purge_rows(conn: Connection, message_ids: Sequence[int], state: str) -> list[str]:
+    """Delete those messages still in ``state`` and their recipients; their queue ids."""
+    m = messages.c
+    gone = list(
+        conn.execute(
+            messages.delete()
+            .where(m.id.in_(list(message_ids)), m.state == state)
+            .returning(m.id, m.queue_id)
+        )
+    )
+    if gone:
+        ids = [int(r.id) for r in gone]
+        conn.execute(recipients.delete().where(recipients.c.message_id.in_(ids)))
+    return [str(r.queue_id) for r in gone]
 
 
 def imported_keys(conn: Connection) -> set[str]:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import re
 import socket
 import subprocess
 import time
@@ -14,23 +15,96 @@ from smapq_cli.main import cli
 from tests.conftest import program
 from tests.report.conftest import Filled
 
+_NAME = re.compile(r"[a-zA-Z_:][a-zA-Z0-9_:]*")
+_LABEL = re.compile(r'([a-zA-Z_][a-zA-Z0-9_]*)="((?:[^"\\\n]|\\[\\"n])*)"')
+_SAMPLE = re.compile(r"([a-zA-Z_:][a-zA-Z0-9_:]*)(?:\{(.*)\})? (\S+)")
+
+
+def _labels(text: str) -> list[tuple[str, str]]:
+    """name="value" pairs; the whole text must be made of them (escapes checked)."""
+    pairs = []
+    pos = 0
+    while pos < len(text):
+        match = _LABEL.match(text, pos)
+        assert match, f"bad label syntax at {text[pos:]!r}"
+        pairs.append((match.group(1), match.group(2)))
+        pos = match.end()
+        if pos < len(text):
+            assert text[pos] == ",", text
+            pos += 1
+    return pairs
+
 
 def parse_exposition(text: str) -> dict[str, float]:
-    """sample name{labels} -> value; checks every family has HELP and TYPE first."""
+    """sample name{labels} -> value, checked against the text format 0.0.4.
+
+    Every family has one HELP then one TYPE line before its samples and appears once;
+    names and label pairs are well formed; counters end in _total; a histogram's
+    buckets rise with le, end with +Inf, equal _count there, and _sum is present.
+    """
     samples: dict[str, float] = {}
-    typed: set[str] = set()
+    families: dict[str, str] = {}
+    current = ""
+    helped = ""
+    hist: dict[str, list[tuple[float, float]]] = {}
+    assert text.endswith("\n") and "\n\n" not in text
     for line in text.splitlines():
-        if line.startswith("# TYPE "):
-            typed.add(line.split()[2])
-        elif line.startswith("# HELP "):
-            continue
+        if line.startswith("# HELP "):
+            name = line.split()[2]
+            assert _NAME.fullmatch(name) and name not in families, line
+            helped = name
+        elif line.startswith("# TYPE "):
+            _, _, name, kind = line.split(" ")
+            assert name == helped and name not in families, f"TYPE without HELP: {line}"
+            assert kind in ("counter", "gauge", "histogram", "summary", "untyped"), line
+            families[name] = kind
+            current = name
         else:
-            name, value = line.rsplit(" ", 1)
-            family = name.split("{")[0]
-            base = family.removesuffix("_bucket").removesuffix("_sum").removesuffix("_count")
-            assert family in typed or base in typed, line
-            samples[name] = float(value)
+            match = _SAMPLE.fullmatch(line)
+            assert match, f"bad sample line {line!r}"
+            name, labels, value = match.groups()
+            kind = families[current]
+            suffixes = ("_bucket", "_sum", "_count") if kind == "histogram" else ("",)
+            assert any(name == current + sfx for sfx in suffixes), (current, line)
+            pairs = _labels(labels or "")
+            number = float(value)  # also accepts +Inf, NaN
+            if kind == "counter":
+                assert current.endswith("_total") and number >= 0, line
+            if name.endswith("_bucket") and kind == "histogram":
+                (le,) = [v for k, v in pairs if k == "le"]
+                hist.setdefault(current, []).append((float(le), number))
+            key = name + ("{" + labels + "}" if labels else "")
+            assert key not in samples, f"duplicate sample {key}"
+            samples[key] = number
+    for name, buckets in hist.items():
+        les = [le for le, _ in buckets]
+        counts = [n for _, n in buckets]
+        assert les == sorted(les) and les[-1] == float("inf"), les
+        assert counts == sorted(counts), f"{name}: buckets are not cumulative: {counts}"
+        assert samples[f"{name}_count"] == counts[-1]
+        assert f"{name}_sum" in samples
     return samples
+
+
+def test_exposition_checker_catches_broken_text() -> None:
+    good = (
+        "# HELP x_total X.\n# TYPE x_total counter\nx_total 1\n"
+        "# HELP h H.\n# TYPE h histogram\n"
+        'h_bucket{le="1"} 1\nh_bucket{le="+Inf"} 2\nh_sum 3\nh_count 2\n'
+    )
+    assert parse_exposition(good)["h_count"] == 2
+    broken = [
+        good.replace("# HELP x_total X.\n", ""),  # TYPE without HELP
+        good.replace('h_bucket{le="1"} 1', 'h_bucket{le="1"} 3'),  # not cumulative
+        good.replace('h_bucket{le="+Inf"} 2\n', ""),  # no +Inf bucket
+        good.replace("h_count 2", "h_count 5"),  # +Inf != _count
+        good.replace('{le="1"}', '{le="1}'),  # bad label quoting
+        good.replace("x_total 1", "x_total one"),  # not a number
+        good + "x_total 2\n",  # a sample outside its family
+    ]
+    for text in broken:
+        with pytest.raises((AssertionError, ValueError, KeyError)):
+            parse_exposition(text)
 
 
 def test_metrics_text_format(filled: Filled) -> None:

@@ -50,7 +50,8 @@ def test_summary_window_limits_to_mail_received_in_it(filled: Filled) -> None:
 def test_top_lists_rank_by_messages_with_bytes_and_refused(filled: Filled, report: str) -> None:
     doc = filled.json("report", report, "--top", "2")
     rows = doc["rows"]
-    assert len(rows) == 2
+    # clients: the 2 busiest plus the refused-only client (see the next test).
+    assert len(rows) == (3 if report == "clients" else 2)
     assert doc["more"] is False  # rankings say nothing about more; --top bounds them
     top = rows[0]
     if report == "senders":
@@ -61,6 +62,21 @@ def test_top_lists_rank_by_messages_with_bytes_and_refused(filled: Filled, repor
         assert top["client_addr"] == "192.0.2.1"
         assert top["client_name"] == "mx1.a.example"
         assert top["messages"] == 6
+
+
+def test_clients_include_one_that_was_only_ever_refused(filled: Filled) -> None:
+    rows = filled.json("report", "clients", "--top", "1")["rows"]
+    by_addr = {r["client_addr"]: r for r in rows}
+    # 198.51.100.7 sent no message at all: only refused commands, still listed.
+    assert by_addr["198.51.100.7"] == {
+        "client_addr": "198.51.100.7",
+        "client_name": None,
+        "messages": 0,
+        "bytes": 0,
+        "refused": 2,
+    }
+    assert by_addr["192.0.2.1"]["messages"] == 6
+    assert len(rows) == 2
 
 
 def test_null_sender_is_shown_as_angle_brackets(filled: Filled) -> None:

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import pytest
 
 from tests.report.conftest import Filled
@@ -51,6 +53,19 @@ def test_introspection_pragmas_are_allowed(filled: Filled) -> None:
         # Hidden behind a CTE and in lower case: no keyword filter would catch all of these.
         "with x as (select 1) delete from recipients",
         "SELECT 1; DELETE FROM messages",
+        "DELETE FROM messages RETURNING id",
+        "PRAGMA user_version = 7",
+        "PRAGMA wal_checkpoint(TRUNCATE)",
+        "PRAGMA optimize",
+        "ANALYZE",
+        "REINDEX",
+        "SELECT load_extension('/nonexistent/evil.so')",
+        # Ending the read-only transaction is refused too (was: allowed, then a
+        # SQLAlchemy message and exit 1).
+        "COMMIT",
+        "BEGIN",
+        "SAVEPOINT s",
+        "/* only a comment */",
     ],
 )
 def test_writes_are_refused_in_one_line_and_change_nothing(filled: Filled, statement: str) -> None:
@@ -68,3 +83,16 @@ def test_syntax_error_is_one_line(filled: Filled) -> None:
     assert result.stderr.strip() == 'smapq: sql: near "SELEKT": syntax error'
     result = filled.smapq("report", "sql", "SELECT * FROM nosuch", check=False)
     assert result.stderr.strip() == "smapq: sql: no such table: nosuch"
+
+
+def test_attach_and_vacuum_into_create_no_file(filled: Filled, tmp_path: Path) -> None:
+    target = tmp_path / "copy.db"
+    for statement in (
+        f"ATTACH DATABASE '{target}' AS other",
+        f"VACUUM INTO '{target}'",
+        f"ATTACH DATABASE '{filled.spool.db}' AS again",
+    ):
+        result = filled.smapq("report", "sql", statement, check=False)
+        assert result.returncode == 64, result.stderr
+        assert len(result.stderr.strip().splitlines()) == 1
+    assert not target.exists()

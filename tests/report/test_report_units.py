@@ -195,3 +195,68 @@ def test_verbs_recheck_state_inside_the_write(engine: Engine) -> None:
         # Once the lease has expired the row may go.
         assert queries.queue_delete(conn, mid, now + 120)
         assert queries.recipients_of(conn, mid) == []
+
+
+def test_purge_writes_recheck_state_inside_the_write(engine: Engine) -> None:
+    """A requeue committed between purge_candidates and the purge keeps body and row."""
+    now = time.time()
+    with engine.begin() as conn:
+        body = b"x"
+        mid = queries.insert_message(
+            conn,
+            {
+                "queue_id": "OLDBAD",
+                "state": "bad",
+                "received_at": now - 90 * 86400,
+                "protocol": "SMTP",
+                "mail_from": "a@b",
+                "size": 1,
+                "trace": "",
+                "body": body,
+                "body_sha256": hashlib.sha256(body).hexdigest(),
+            },
+            ["c@d"],
+        )
+        conn.execute(
+            queries.messages.update()
+            .where(queries.messages.c.id == mid)
+            .values(updated_at=now - 60 * 86400)
+        )
+        (cand,) = queries.purge_candidates(conn, "bad", now - 30 * 86400, (-1.0, 0), 10)
+        # An operator's requeue lands after our read ...
+        assert queries.queue_transition(conn, mid, ["bad"], "received", now, True)
+        # ... so neither the body nor the row of the now received message goes.
+        assert queries.purge_bodies(conn, [int(cand.id)], "bad") == []
+        assert queries.purge_rows(conn, [int(cand.id)], "bad") == []
+        assert queries.message_body(conn, mid) == ("", b"x")
+        assert [r.address for r in queries.recipients_of(conn, mid)] == ["c@d"]
+        # Back to bad, it goes: body first (failure time kept), then the row.
+        queries.queue_transition(conn, mid, ["received"], "bad", now - 50 * 86400, False)
+        assert queries.purge_bodies(conn, [mid], "bad") == ["OLDBAD"]
+        row = queries.message_by_queue_id(conn, "OLDBAD")
+        assert row is not None and row.updated_at == now - 50 * 86400
+        assert queries.purge_rows(conn, [mid], "bad") == ["OLDBAD"]
+        assert queries.recipients_of(conn, mid) == []
+
+
+def test_tables_align_wide_and_combining_characters() -> None:
+    """Columns are measured in terminal cells: CJK takes two, combining marks none."""
+    cols = [output.Column("sender", flex=True), output.Column("n", "int")]
+    rows = [
+        ("用户@例子.example", 1),
+        ("me\u0301@x.example", 22),
+        ("plain@x.example", 333),
+        ("收件人" * 30 + "@例子.example", 4444),
+    ]
+    for width in (80, 40):
+        out = io.StringIO()
+        output.write_table(output.Report("t", cols, rows), out, width)
+        lines = out.getvalue().splitlines()
+        # The numbers are right-aligned to one edge, so every line is equally wide.
+        assert {output.display_width(line) for line in lines} == {
+            output.display_width(lines[0])
+        }, lines
+        assert all(output.display_width(line) <= width for line in lines)
+        assert lines[4].split()[0].endswith("…")
+    assert output.display_width("用户") == 4 and output.display_width("e\u0301") == 1
+    assert output.fit("用户用户", 5) == "用户…"
