@@ -49,9 +49,27 @@ def peer_address() -> tuple[str, int]:
             if host.startswith("::ffff:") and "." in host:
                 host = host[7:]  # an IPv4 client on a dual-stack socket
             return host, int(peer[1])
+    # The environment is text anyone who starts smap controls, and the address goes
+    # into the Received: header and the logs: it must be an IP address, nothing else.
     addr = os.environ.get("REMOTE_ADDR", "")
+    if addr.startswith("::ffff:") and "." in addr:
+        addr = addr[7:]
+    if addr and not _is_ip(addr):
+        addr = ""
     port = os.environ.get("REMOTE_PORT", "")
-    return addr, int(port) if port.isdigit() else 0
+    return addr, int(port) if port.isdigit() and len(port) <= 5 else 0
+
+
+def _is_ip(text: str) -> bool:
+    import _socket  # noqa: PLC0415  (see peer_address)
+
+    for family in (_socket.AF_INET, _socket.AF_INET6):
+        try:
+            _socket.inet_pton(family, text)
+        except (OSError, ValueError):
+            continue
+        return True
+    return False
 
 
 def enter(directory: str, chroot: bool, uid: int | None, gid: int | None) -> None:

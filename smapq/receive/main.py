@@ -373,8 +373,10 @@ class Receiver:
     def trace(self, env: Envelope, queue_id: str, now: float) -> str:
         """The smap-style Received: header (stored in messages.trace, not in the body)."""
         date = time.strftime("%a, %d %b %Y %H:%M:%S +0000", time.gmtime(now))
+        # RFC 5321 4.4: TCP-info is an address literal, "[IPv6:...]" for IPv6.
+        literal = ("IPv6:" if ":" in self.addr else "") + (self.addr or "unknown")
         return (
-            f"Received: from {env.helo or 'unknown'} (unknown [{self.addr or 'unknown'}])\r\n"
+            f"Received: from {env.helo or 'unknown'} (unknown [{literal}])\r\n"
             f"\tby {self.hostname} via smap (smapq {__version__}) with {env.protocol}\r\n"
             f"\tid {queue_id}; {date}\r\n"
         )

@@ -75,6 +75,28 @@ def test_remote_addr_from_the_environment(open_dir: Path) -> None:
         assert db.execute("SELECT DISTINCT client_addr FROM events").fetchall() == [("192.0.2.7",)]
 
 
+@pytest.mark.parametrize(
+    ("remote", "stored", "literal"),
+    [
+        ("2001:db8::7", "2001:db8::7", "[IPv6:2001:db8::7]"),
+        ("::ffff:192.0.2.8", "192.0.2.8", "[192.0.2.8]"),
+        ("192.0.2.9\r\nX-Injected: yes", None, "[unknown]"),
+        ("not an address", None, "[unknown]"),
+    ],
+)
+def test_remote_addr_is_an_ip_address_or_nothing(
+    open_dir: Path, remote: str, stored: str | None, literal: str
+) -> None:
+    spool = spool_for_receiver(open_dir)
+    done = smap("-t", str(spool.table), stdin=SEED, env={"REMOTE_ADDR": remote})
+    assert done.returncode == 0, done.stderr
+    with sqlite3.connect(spool.db) as db:
+        ((addr, trace),) = db.execute("SELECT client_addr, trace FROM messages").fetchall()
+    assert addr == stored
+    assert trace.startswith(f"Received: from c (unknown {literal})\r\n\tby ")
+    assert "Injected" not in trace
+
+
 def test_smap_table_from_environment(open_dir: Path) -> None:
     spool = spool_for_receiver(open_dir)
     done = smap(stdin=SEED, env={"SMAPQ_TABLE": str(spool.table)})

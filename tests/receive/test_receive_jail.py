@@ -140,6 +140,8 @@ def test_syslog_lines_like_smap(rig: Rig, syslog_socket: list[bytes]) -> None:
     c.cmd(b"DATA")
     qid = c.cmd(b"This is a test.\r\n.").split()[-1].decode()
     c.cmd(b"MAIL FROM:<-x@y.z>")
+    c.cmd(b"MAIL FROM:<a@b.c>")
+    c.cmd(b"RCPT TO:<d\x1be@f.g>")
     c.cmd(b"VRFY root")
     c.cmd(b"QUIT")
     assert c.eof()
@@ -156,7 +158,15 @@ def test_syslog_lines_like_smap(rig: Rig, syslog_socket: list[bytes]) -> None:
     for rcpt in ("a@bigco.com", "b@bigco.com"):
         line = f"host=unknown/127.0.0.1 bytes=17 from=<root@bigco.com> to=<{rcpt}> id={qid}"
         assert line in text
-    assert "securityalert: reject host=unknown/127.0.0.1 code=553" in text
+    assert (
+        "securityalert: reject host=unknown/127.0.0.1 code=553"
+        " reason=sender: address starts with '-' address=-x@y.z" in text
+    )
+    # A refusal names the refused address, control characters shown as "?".
+    assert (
+        "reject host=unknown/127.0.0.1 code=501 reason=recipient: control character in"
+        " address address=d?e@f.g" in text
+    )
     assert "VRFY root (unknown/127.0.0.1)" in text
     assert "exiting host=unknown/127.0.0.1 messages=1 bytes=17 reason=quit" in text
 
