@@ -39,7 +39,7 @@ from typing import Any
 
 from sqlalchemy import Connection, Engine
 
-from smapq.errors import UsageError
+from smapq.errors import SmapqError, UsageError
 from smapq.store import queries, states
 from smapq.store.ids import new_queue_id
 
@@ -195,8 +195,29 @@ def _move(directory: str, name: str, target_dir: str) -> str:
     while os.path.lexists(target):
         n += 1
         target = os.path.join(target_dir, f"{name}.{n}")
-    os.rename(os.path.join(directory, name), target)
+    try:
+        os.rename(os.path.join(directory, name), target)
+    except OSError as exc:
+        # Committed already: the next run recognises the file's key and only moves it.
+        raise SmapqError(
+            f"{name}: imported, but cannot move it to {target_dir}: {exc.strerror}; "
+            "fix that and run again (it will only be moved, not imported twice)"
+        ) from None
     return target
+
+
+def _check_target(directory: str, target: str) -> None:
+    """Imported files are renamed, so the target must be a directory on DIR's filesystem."""
+    try:
+        st = os.stat(target)
+    except OSError as exc:
+        raise UsageError(f"{target}: {exc.strerror}") from None
+    if not stat.S_ISDIR(st.st_mode):
+        raise UsageError(f"{target}: not a directory")
+    if st.st_dev != os.stat(directory).st_dev:
+        raise UsageError(
+            f"{target}: not on the filesystem of {directory}; imported files are renamed there"
+        )
 
 
 def _insert(conn: Connection, name: str, key: str, msg: SpoolMessage, st: os.stat_result) -> str:
@@ -279,7 +300,13 @@ def _import_locked(
     names = spool_names(directory)
     target = target_dir or os.path.join(directory, IMPORTED_DIR)
     if not dry_run:
-        os.makedirs(target, mode=0o700, exist_ok=True)
+        try:
+            os.makedirs(target, mode=0o700, exist_ok=True)
+        except OSError as exc:
+            raise UsageError(f"{target}: {exc.strerror}") from None
+        _check_target(directory, target)
+    elif os.path.exists(target):
+        _check_target(directory, target)
     counts = dict.fromkeys((IMPORTED, ALREADY, INCOMPLETE, LOCKED, MALFORMED), 0)
     with engine.connect() as conn:
         done_keys = queries.imported_keys(conn)

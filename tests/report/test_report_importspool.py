@@ -5,7 +5,10 @@ from __future__ import annotations
 import fcntl
 import os
 import shutil
+import tempfile
 from pathlib import Path
+
+import pytest
 
 from smapq.report import importspool
 from tests.report.conftest import Filled
@@ -211,6 +214,53 @@ def test_missing_directory_is_one_line(filled: Filled, tmp_path: Path) -> None:
     result = filled.smapq("import-spool", str(tmp_path / "nope"), check=False)
     assert result.returncode == 64
     assert result.stderr.strip().endswith("nope: not a directory")
+
+
+def test_imported_dir_elsewhere_is_refused_before_anything_changes(
+    filled: Filled, tmp_path: Path
+) -> None:
+    """Files are renamed into it: another filesystem used to fail after the commit,
+    with a traceback, on every run."""
+    other = Path("/dev/shm")
+    if not other.is_dir() or other.stat().st_dev == tmp_path.stat().st_dev:
+        pytest.skip("needs a second filesystem at /dev/shm")
+    target = Path(tempfile.mkdtemp(dir=other))
+    try:
+        spool = tmp_path / "smap"
+        spool.mkdir()
+        spool_file(spool, "smaXDEV001")
+        before = filled.fingerprint()
+        result = filled.smapq(
+            "import-spool", "--imported-dir", str(target), str(spool), check=False
+        )
+        assert result.returncode == 64
+        assert result.stderr.strip().endswith("imported files are renamed there")
+        assert len(result.stderr.strip().splitlines()) == 1
+        assert filled.fingerprint() == before and (spool / "smaXDEV001").exists()
+    finally:
+        shutil.rmtree(target)
+
+
+def test_a_file_that_cannot_be_moved_is_one_line_and_moved_by_the_next_run(
+    filled: Filled, tmp_path: Path
+) -> None:
+    spool = tmp_path / "smap"
+    spool.mkdir()
+    name = "sma" + "M" * 252  # 255 bytes: NAME_MAX
+    spool_file(spool, name)
+    done = spool / "imported"
+    done.mkdir()
+    (done / name).mkdir()  # taken, so the mover tries NAME.1: too long, even for root
+    result = filled.smapq("import-spool", str(spool), check=False)
+    assert result.returncode == 1
+    lines = result.stderr.strip().splitlines()
+    assert lines[-1].startswith(f"smapq: {name}: imported, but cannot move it to ")
+    assert "Traceback" not in result.stderr
+    assert len(rows(filled)) == 1 and (spool / name).exists()
+    (done / name).rmdir()
+    again = filled.smapq("import-spool", str(spool))
+    assert "imported 0, already imported 1" in again.stderr
+    assert len(rows(filled)) == 1 and not (spool / name).exists()
 
 
 def test_parse_units() -> None:
