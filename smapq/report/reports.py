@@ -101,6 +101,7 @@ def summary(conn: Connection, w: Window) -> Report:
 
 
 def senders(conn: Connection, w: Window) -> Report:
+    """The ``top`` senders by messages and the ``top`` by refusals (<= 2 x top)."""
     columns = [
         Column("sender", flex=True),
         Column("messages", "int", "MSGS"),
@@ -108,13 +109,18 @@ def senders(conn: Connection, w: Window) -> Report:
         Column("refused", "int", "REFUSED"),
     ]
     report = _report("senders", columns, w)
-    top = queries.report_top_senders(conn, w.since, w.until, w.top)
+    top = list(queries.report_top_senders(conn, w.since, w.until, w.top))
+    # As for clients: a sender whose every transaction was refused has no message.
+    listed = {r[0] for r in top}
+    refusing = queries.report_top_refused_senders(conn, w.since, w.until, w.top)
+    extra = [str(addr) for addr, _ in refusing if addr not in listed]
+    top += queries.report_sender_totals(conn, extra, w.since, w.until)
     refused = queries.report_refused_counts(
-        conn, "address", [str(r[0]) for r in top], w.since, w.until
+        conn, "sender", [str(r[0]) for r in top], w.since, w.until
     )
-    report.rows = [
-        (_sender(addr), int(n), int(b or 0), refused.get(str(addr), 0)) for addr, n, b in top
-    ]
+    rows = [(addr, int(n), int(b or 0), refused.get(str(addr), 0)) for addr, n, b in top]
+    rows.sort(key=lambda r: (-(r[1] + r[3]), str(r[0])))
+    report.rows = [(_sender(addr), *rest) for addr, *rest in rows]
     return report
 
 
@@ -128,7 +134,7 @@ def recipients(conn: Connection, w: Window) -> Report:
     report = _report("recipients", columns, w)
     top = queries.report_top_recipients(conn, w.since, w.until, w.top)
     refused = queries.report_refused_counts(
-        conn, "address", [str(r[0]) for r in top], w.since, w.until
+        conn, "recipient", [str(r[0]) for r in top], w.since, w.until
     )
     report.rows = [(addr, int(n), int(b or 0), refused.get(str(addr), 0)) for addr, n, b in top]
     return report

@@ -749,6 +749,25 @@ def _latest_client_name(conn: Connection, addr: str) -> str | None:
     return None if name is None else str(name)
 
 
+def _sender_stage(e: Any) -> Any:
+    """The reject named the sender of its own session's MAIL (e.g. 552 after DATA).
+
+    The receiver's reject events put the refused address in ``address`` without
+    saying which command was refused; a MAIL event of the same session with that
+    address tells a sender's refusal from a recipient's.
+    """
+    mail = events.alias("mail_ev")
+    return (
+        select(mail.c.id)
+        .where(
+            mail.c.session_id == e.session_id,
+            mail.c.kind == "mail",
+            mail.c.address == e.address,
+        )
+        .exists()
+    )
+
+
 def report_refused_counts(
     conn: Connection,
     by: str,
@@ -756,17 +775,55 @@ def report_refused_counts(
     since: float | None,
     until: float | None,
 ) -> dict[str, int]:
-    """Refused commands (reject events) per ``by`` ('address' or 'client_addr') for keys."""
+    """Refused commands (reject events) per key, for keys.
+
+    ``by``: 'client_addr' (from that client), 'sender' (refused in a transaction of
+    that sender, naming it) or 'recipient' (naming that address, not as its sender).
+    """
     if not keys:
         return {}
     e = events.c
-    col = e.address if by == "address" else e.client_addr
-    stmt = (
-        select(col, func.count())
-        .where(e.kind == "reject", col.in_(list(keys)), *_window(e.at, since, until))
-        .group_by(col)
-    )
+    col = e.client_addr if by == "client_addr" else e.address
+    conds = [e.kind == "reject", col.in_(list(keys)), *_window(e.at, since, until)]
+    if by == "sender":
+        conds.append(_sender_stage(e))
+    elif by == "recipient":
+        conds.append(~_sender_stage(e))
+    stmt = select(col, func.count()).where(*conds).group_by(col)
     return {str(k): int(v) for k, v in conn.execute(stmt)}
+
+
+def report_top_refused_senders(
+    conn: Connection, since: float | None, until: float | None, top: int
+) -> list[Sequence[Any]]:
+    """(sender, refusals), most first: senders refused in their own transactions."""
+    e = events.c
+    n = func.count().label("n")
+    stmt = (
+        select(e.address, n)
+        .where(e.kind == "reject", e.address.is_not(None), *_window(e.at, since, until))
+        .where(_sender_stage(e))
+        .group_by(e.address)
+        .order_by(n.desc(), e.address)
+        .limit(top)
+    )
+    return list(conn.execute(stmt))
+
+
+def report_sender_totals(
+    conn: Connection, senders: Sequence[str], since: float | None, until: float | None
+) -> list[Sequence[Any]]:
+    """(sender, messages, bytes) for the given senders, from ix_messages_mail_from."""
+    m = messages.c
+    out: list[Sequence[Any]] = []
+    for sender in senders:
+        cnt, size = conn.execute(
+            select(func.count(), func.coalesce(func.sum(m.size), 0)).where(
+                m.mail_from == sender, *_window(m.received_at, since, until)
+            )
+        ).one()
+        out.append((sender, int(cnt), int(size)))
+    return out
 
 
 def report_latencies(

@@ -196,8 +196,14 @@ def test_reports_show_what_the_receiver_and_deliverer_logged(site: Site) -> None
     assert sum(r["delivered"] for r in latency) == 2
     age = {r["domain"]: r["total"] for r in site.json("report", "age")["rows"]}
     assert age == {"TOTAL": 1, "b.example": 1}
-    senders = {r["sender"] for r in site.json("report", "senders")["rows"]}
+    senders = {r["sender"]: r for r in site.json("report", "senders")["rows"]}
     assert CJK in senders and "<>" in senders
+    # Only the 552 after DATA named mallory as the sender of its transaction.
+    assert (
+        senders["mallory@evil.example"]["messages"],
+        senders["mallory@evil.example"]["refused"],
+    ) == (0, 1)
+    assert senders["alice@a.example"]["refused"] == 0
 
     for report in (
         "summary",

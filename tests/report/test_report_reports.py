@@ -7,6 +7,7 @@ import io
 
 import pytest
 
+from smapq.store import queries
 from tests.report.conftest import Filled
 
 ROWS_BY = {"senders": "sender", "recipients": "recipient", "clients": "client_addr"}
@@ -55,7 +56,8 @@ def test_top_lists_rank_by_messages_with_bytes_and_refused(filled: Filled, repor
     assert doc["more"] is False  # rankings say nothing about more; --top bounds them
     top = rows[0]
     if report == "senders":
-        assert top == {"sender": "alice@a.example", "messages": 3, "bytes": 800, "refused": 2}
+        # The two relay-denied RCPTs named alice as a recipient, not as a sender.
+        assert top == {"sender": "alice@a.example", "messages": 3, "bytes": 800, "refused": 0}
     elif report == "recipients":
         assert top == {"recipient": "bob@b.example", "messages": 3, "bytes": 800, "refused": 0}
     else:
@@ -77,6 +79,42 @@ def test_clients_include_one_that_was_only_ever_refused(filled: Filled) -> None:
     }
     assert by_addr["192.0.2.1"]["messages"] == 6
     assert len(rows) == 2
+
+
+def test_senders_count_refusals_of_their_own_transactions(filled: Filled) -> None:
+    """A reject counts for a sender when its session's MAIL named that sender; a
+    sender that was only ever refused is listed with 0 messages."""
+    at = filled.now - 60
+    session = {"session_id": "Z1", "client_addr": "203.0.113.5"}
+    with filled.engine.begin() as c:
+        queries.insert_events(
+            c,
+            [
+                {"at": at, "kind": "connect", "code": 220, **session},
+                {"at": at, "kind": "mail", "address": "zed@z.example", "code": 250, **session},
+                {"at": at, "kind": "rcpt", "address": "bob@b.example", "code": 250, **session},
+                {"at": at, "kind": "reject", "address": "zed@z.example", "code": 552, **session},
+                # Another session refuses a RCPT to zed: a recipient's refusal.
+                {
+                    "at": at,
+                    "kind": "reject",
+                    "address": "zed@z.example",
+                    "code": 554,
+                    "session_id": "Z2",
+                    "client_addr": "203.0.113.6",
+                },
+            ],
+        )
+    rows = {r["sender"]: r for r in filled.json("report", "senders", "--top", "1")["rows"]}
+    assert rows["zed@z.example"] == {
+        "sender": "zed@z.example",
+        "messages": 0,
+        "bytes": 0,
+        "refused": 1,
+    }
+    assert rows["alice@a.example"]["refused"] == 0 and len(rows) == 2
+    table = filled.smapq("report", "senders", "--top", "1").stdout
+    assert "zed@z.example" in table
 
 
 def test_null_sender_is_shown_as_angle_brackets(filled: Filled) -> None:
