@@ -189,20 +189,27 @@ def show_cmd(state: State, /, queue_id: str, fmt: str, width: int) -> None:
 @pass_state
 def export_cmd(state: State, /, queue_id: str, path: str | None) -> None:
     """Write one message as an .eml file (smap's Received: line, then the body)."""
-    if path is not None and os.path.lexists(path):
-        raise UsageError(f"{path}: exists; not overwriting it")
-    with translated("queue database"):
-        data = q.export(state.engine(), queue_id, path or "stdout", time.time())
     if path is None:
+        with translated("queue database"):
+            data = q.export(state.engine(), queue_id, "stdout", time.time())
         sys.stdout.flush()
         sys.stdout.buffer.write(data)
         return
+    if os.path.lexists(path):
+        raise UsageError(f"{path}: exists; not overwriting it")
+    # The file first: the 'exported' event must not name a file that could not be made.
     try:
         fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
     except OSError as exc:
         raise SmapqError(f"{path}: {exc.strerror}") from None
     with os.fdopen(fd, "wb") as f:
-        f.write(data)
+        try:
+            with translated("queue database"):
+                data = q.export(state.engine(), queue_id, path, time.time())
+            f.write(data)
+        except BaseException:
+            os.unlink(path)
+            raise
     click.echo(f"{queue_id}: exported to {path} ({len(data)} bytes)")
 
 

@@ -98,6 +98,17 @@ def test_export_writes_trace_then_body_and_records_it(filled: Filled, tmp_path: 
     assert raw.stdout == data
 
 
+def test_export_that_cannot_write_records_nothing(filled: Filled, tmp_path: Path) -> None:
+    before = filled.fingerprint()
+    nowhere = filled.smapq(
+        "queue", "export", "M1", "-o", str(tmp_path / "no" / "m.eml"), check=False
+    )
+    assert nowhere.returncode == 1 and "No such file or directory" in nowhere.stderr
+    unknown = filled.smapq("queue", "export", "NOSUCH", "-o", str(tmp_path / "m.eml"), check=False)
+    assert unknown.returncode == 64 and not (tmp_path / "m.eml").exists()
+    assert filled.fingerprint() == before  # no 'exported' event for a file never written
+
+
 def test_requeue_hold_release_record_events(filled: Filled) -> None:
     out = filled.smapq("queue", "requeue", "M4")
     assert out.stdout.strip() == "M4: bad -> received"
