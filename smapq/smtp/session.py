@@ -347,7 +347,10 @@ class Session:
     # --- HELO / EHLO ---
     def _hello(self, arg: bytes, verb: str, syntax: bytes) -> bool:
         arg = arg.strip(b" ")
-        if not arg or address.has_control(arg) or not arg.isascii():
+        # A domain or address literal is at most 255 octets (RFC 5321 4.5.3.1.2); a
+        # longer one would also push the echoing 250 past the 512-octet reply line.
+        bad = len(arg) > limits.DOMAIN_MAX or address.has_control(arg) or not arg.isascii()
+        if not arg or bad:
             self._error(syntax, verb + " syntax", show(arg))
             return False
         self._reset()

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import pytest
 
+from smapq.smtp import limits
 from smapq.smtp import replies as R
 from tests.smtp.sessiondrive import banner, drive, ehlo_reply
 
@@ -199,6 +200,14 @@ def test_helo_needs_an_argument() -> None:
     assert run.out == banner() + R.plain(R.R501_HELO_SYNTAX) + R.plain(
         R.R501_EHLO_SYNTAX
     ) + R.plain(R.R501_HELO_SYNTAX)
+
+
+def test_helo_argument_fits_a_reply_line() -> None:
+    # RFC 5321 4.5.3.1.5: a reply line is at most 512 octets; HELO/EHLO echo the name.
+    longest = b"h" * limits.DOMAIN_MAX
+    run = drive([b"EHLO " + longest + b"\r\nEHLO h" + longest + b"\r\nHELO h" + longest + b"\r\n"])
+    assert run.out == (banner() + ehlo_reply(longest) + R.R501_EHLO_SYNTAX + R.R501_HELO_SYNTAX)
+    assert max(map(len, run.out.split(b"\r\n"))) + 2 <= 512
 
 
 def test_lowercase_verbs_and_lf_only_command_lines() -> None:
