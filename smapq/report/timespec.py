@@ -19,12 +19,19 @@ _UNITS = {"s": 1, "m": 60, "h": 3600, "d": 86400, "w": 7 * 86400}
 _DURATION = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*([smhdw])\s*$", re.IGNORECASE)
 
 
+# Longer ages only overflow the platform's time_t when printed; no mail is that old.
+MAX_DURATION = 100 * 365 * 86400
+
+
 def parse_duration(text: str, option: str = "duration") -> float:
-    """Seconds in ``30s``, ``15m``, ``1h``, ``7d`` or ``2w``."""
+    """Seconds in ``30s``, ``15m``, ``1h``, ``7d`` or ``2w`` (at most 100 years)."""
     match = _DURATION.match(text)
     if not match:
         raise UsageError(f"{option}: {text!r} is not a duration like 30m, 1h, 7d or 2w")
-    return float(match.group(1)) * _UNITS[match.group(2).lower()]
+    seconds = float(match.group(1)) * _UNITS[match.group(2).lower()]
+    if seconds > MAX_DURATION:
+        raise UsageError(f"{option}: {text!r} is longer than 100 years")
+    return seconds
 
 
 def parse_when(text: str, now: float, option: str = "time") -> float:

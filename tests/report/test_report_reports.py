@@ -221,6 +221,8 @@ def test_long_cells_are_cut_and_width_zero_keeps_them(filled: Filled) -> None:
         (["report", "senders", "--format", "xml"], "xml"),
         (["report", "senders", "--top", "0"], "--top"),
         (["queue", "list", "--older-than", "soon"], "--older-than"),
+        (["report", "summary", "--since", "99999999999999999999d"], "longer than 100 years"),
+        (["queue", "purge", "--older-than", "9999999999w"], "longer than 100 years"),
     ],
 )
 def test_bad_input_is_one_line_and_nonzero(filled: Filled, args: list[str], message: str) -> None:
