@@ -348,10 +348,16 @@ def refused(conn: Connection, w: Window) -> Report:
         Column("code", "int"),
         Column("count", "int"),
         Column("last_seen", "time", "LAST SEEN"),
-        Column("detail", title="SAMPLE", flex=True),
+        Column("detail", table=False),
+        Column("address", table=False),
+        # For people: which address the latest refusal named, and why.
+        Column("sample", title="SAMPLE", flex=True, data=False),
     ]
     report = _report("refused", columns, w)
-    report.rows = [tuple(r) for r in queries.report_refused(conn, w.since, w.until, w.top)]
+    report.rows = [
+        (*r[:5], r[5], r[6], ": ".join(str(x) for x in (r[6], r[5]) if x) or None)
+        for r in queries.report_refused(conn, w.since, w.until, w.top)
+    ]
     return report
 
 

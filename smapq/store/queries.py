@@ -984,9 +984,9 @@ def report_sessions(
 def report_refused(
     conn: Connection, since: float | None, until: float | None, top: int
 ) -> list[Sequence[Any]]:
-    """(client, kind, code, count, last seen, latest detail), most frequent first.
+    """(client, kind, code, count, last seen, latest detail, its address), most first.
 
-    Grouped from ix_events_kind_client alone; the detail is read for the winners only.
+    Grouped from ix_events_kind_client alone; the sample is read for the winners only.
     """
     e = events.c
     n = func.count().label("n")
@@ -1002,12 +1002,13 @@ def report_refused(
     out: list[Sequence[Any]] = []
     for client, kind, code, cnt, last in ranked:
         sample = (
-            select(e.detail)
+            select(e.detail, e.address)
             .where(e.kind == kind, e.client_addr == client, e.at == last)
             .where(e.code.is_(None) if code is None else e.code == code)
             .limit(1)
         )
-        out.append((client, kind, code, cnt, last, conn.execute(sample).scalar()))
+        detail, address = conn.execute(sample).one_or_none() or (None, None)
+        out.append((client, kind, code, cnt, last, detail, address))
     return out
 
 

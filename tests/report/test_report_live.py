@@ -183,6 +183,11 @@ def test_reports_show_what_the_receiver_and_deliverer_logged(site: Site) -> None
         ("reject", 552),
     }
     assert ("timeout", 421) in {(r["kind"], r["code"]) for r in refused}
+    samples = {r["code"]: (r["address"], r["detail"]) for r in refused}
+    assert samples[452] == ("r4@d.example", "too many recipients")
+    assert samples[552][0] == "mallory@evil.example"
+    table = site.smapq("report", "refused").stdout
+    assert "r4@d.example: too many" in table
 
     clients = {r["client_addr"]: r for r in site.json("report", "clients")["rows"]}
     assert (clients[ABUSER]["messages"], clients[ABUSER]["refused"]) == (0, 5)
