@@ -4,14 +4,14 @@ from __future__ import annotations
 
 import os
 import sqlite3
-import time
 from collections.abc import Callable, Iterator
+from contextlib import closing
 from pathlib import Path
 
 import pytest
 
 from tests.conftest import Spool, make_spool, program
-from tests.receive.superserver import KINDS, Client, SuperServer, installed
+from tests.receive.superserver import KINDS, Client, SuperServer, installed, wait_until
 
 ROOT = os.geteuid() == 0
 
@@ -24,27 +24,24 @@ class Rig:
         self.server = server
         self.clients: list[Client] = []
 
-    def client(self, banner: bool = True) -> Client:
-        c = Client(self.server.connect())
+    def client(self, banner: bool = True, rcvbuf: int = 0) -> Client:
+        c = Client(self.server.connect(rcvbuf=rcvbuf))
         self.clients.append(c)
         if banner:
             greeting = c.reply()
             assert greeting.startswith(b"220 "), greeting
         return c
 
-    def idle(self, timeout: float = 20) -> None:
+    def idle(self, timeout: float = 120) -> None:
         """Wait until no receiver runs: the client sees EOF before the session's last
         audit events are committed, by design (the client is let go first)."""
-        deadline = time.monotonic() + timeout
-        while self.server.children(running=True):
-            assert time.monotonic() < deadline, "a receiver did not exit"
-            time.sleep(0.01)
+        wait_until(lambda: not self.server.children(running=True), timeout, "a receiver runs")
 
     def rows(self, sql: str, *args: object, wait: bool = True) -> list[tuple[object, ...]]:
         """Query the queue database, after every receiver has exited (unless ``wait``)."""
         if wait:
             self.idle()
-        with sqlite3.connect(f"file:{self.spool.db}?mode=ro", uri=True) as db:
+        with closing(sqlite3.connect(f"file:{self.spool.db}?mode=ro", uri=True)) as db:
             return list(db.execute(sql, args))
 
 
@@ -70,11 +67,14 @@ def rig_factory(open_dir: Path) -> Iterator[Callable[..., Rig]]:
         rigs.append(Rig(spool, server))
         return rigs[-1]
 
-    yield make
-    for rig in rigs:
-        for c in rig.clients:
-            c.close()
-        rig.server.stop()
+    try:
+        yield make
+    finally:
+        for rig in rigs:
+            for c in rig.clients:
+                c.close()
+        for rig in rigs:
+            rig.server.stop()  # also kills a receiver a failed test left running
 
 
 @pytest.fixture(params=KINDS)

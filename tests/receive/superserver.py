@@ -4,37 +4,78 @@ Each starts the installed ``smap`` per connection on a loopback port, exactly as
 production (the socket is the receiver's fd 0 and 1).  xinetd is not driven here: on
 Debian it conflicts with openbsd-inetd (both provide inet-superserver); examples/ has
 its entry.
+
+Robust under load and beside other test runs: every wait is for a condition (our
+super-server owns the listening socket, a receiver has exited) with a generous bound,
+never a fixed sleep.  Ports are picked at random below the kernel's ephemeral range, so
+no client socket or ``bind(0)`` elsewhere can take one between our check and the
+super-server's bind; a port someone else took anyway is detected (the listener is not
+our process's) and another one is tried.  ``stop`` kills the receivers still running
+and the super-server, and waits until they are gone.
 """
 
 from __future__ import annotations
 
+import atexit
+import contextlib
 import os
 import pwd
+import random
 import shutil
 import signal
 import socket
 import subprocess
 import time
+from collections.abc import Callable
 from pathlib import Path
 
 INETD = "/usr/sbin/inetd"
 SOCKET_ACTIVATE = shutil.which("systemd-socket-activate") or "/usr/bin/systemd-socket-activate"
 KINDS = ("inetd", "systemd-socket-activate")
 
+START_TIMEOUT = 60.0  # seconds for a super-server to listen (a loaded CI box is slow)
+EXIT_TIMEOUT = 60.0  # seconds for processes to go away after a signal
+START_ATTEMPTS = 4  # ports tried before giving up
+_POLL = 0.01
+_rng = random.SystemRandom()  # pytest-randomly reseeds `random` per test; ports must differ
+
 
 def installed(kind: str) -> bool:
     return os.access(INETD if kind == "inetd" else SOCKET_ACTIVATE, os.X_OK)
 
 
+def _port_pool() -> range:
+    """Ports the kernel never hands out by itself: below (else above) the ephemeral range."""
+    try:
+        lo, hi = map(int, Path("/proc/sys/net/ipv4/ip_local_port_range").read_text().split())
+    except (OSError, ValueError):
+        lo, hi = 32768, 60999
+    if lo > 12000:
+        return range(10000, lo)
+    if hi < 63000:
+        return range(hi + 1, 65536)
+    return range(1024, 65536)  # no room outside: ownership checks still catch a clash
+
+
 def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
+    """A loopback port nothing is bound to right now, picked at random."""
+    pool = _port_pool()
+    for _ in range(1000):
+        port = _rng.choice(pool)
+        with socket.socket() as s:
+            s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+            try:
+                s.bind(("127.0.0.1", port))
+            except OSError:
+                continue
+        return port
+    raise RuntimeError("no free loopback port")
 
 
-def listening(port: int) -> bool:
-    """True once something listens on 127.0.0.1:port (read from /proc, no connection)."""
+def listeners(port: int) -> set[int]:
+    """Socket inodes listening on TCP ``port`` (any address), from /proc/net."""
     want = f":{port:04X}"
+    found: set[int] = set()
     for table in ("/proc/net/tcp", "/proc/net/tcp6"):
         try:
             lines = Path(table).read_text().splitlines()[1:]
@@ -43,8 +84,52 @@ def listening(port: int) -> bool:
         for line in lines:
             fields = line.split()
             if fields[1].endswith(want) and fields[3] == "0A":
-                return True
-    return False
+                found.add(int(fields[9]))
+    return found
+
+
+def socket_inodes(pid: int) -> set[int]:
+    """Inodes of the sockets process ``pid`` has open."""
+    found: set[int] = set()
+    try:
+        fds = os.listdir(f"/proc/{pid}/fd")
+    except OSError:
+        return found
+    for fd in fds:
+        try:
+            link = os.readlink(f"/proc/{pid}/fd/{fd}")
+        except OSError:
+            continue
+        if link.startswith("socket:["):
+            found.add(int(link[8:-1]))
+    return found
+
+
+def _stat(pid: int) -> tuple[str, int] | None:
+    """(state, ppid) of ``pid``, None when it is gone."""
+    try:
+        stat = Path(f"/proc/{pid}/stat").read_text()
+    except OSError:
+        return None
+    state, ppid = stat.rsplit(")", 1)[1].split()[:2]
+    return state, int(ppid)
+
+
+def wait_until(condition: Callable[[], object], timeout: float, what: str) -> None:
+    """Poll ``condition()`` until true; AssertionError naming ``what`` after ``timeout``."""
+    deadline = time.monotonic() + timeout
+    while not condition():
+        assert time.monotonic() < deadline, f"{what} (waited {timeout:.0f} s)"
+        time.sleep(_POLL)
+
+
+_live: set[SuperServer] = set()
+
+
+@atexit.register
+def _stop_all() -> None:  # a run cut short must not leave super-servers behind
+    for server in list(_live):
+        server.stop()
 
 
 class SuperServer:
@@ -52,55 +137,111 @@ class SuperServer:
 
     def __init__(self, kind: str, argv: list[str], workdir: Path, rate: int = 100000) -> None:
         self.kind = kind
-        self.port = free_port()
+        self.argv = argv
+        self.rate = rate
+        self.workdir = workdir
         self.log = workdir / f"{kind}.log"
-        if kind == "inetd":
+        self.port = 0
+        self.proc: subprocess.Popen[bytes] | None = None
+        problems = []
+        for _ in range(START_ATTEMPTS):
+            problem = self._start(free_port())
+            if problem is None:
+                return
+            problems.append(problem)
+        raise RuntimeError(f"{kind} did not start: " + "; ".join(problems))
+
+    def _command(self) -> list[str]:
+        argv = self.argv
+        if self.kind == "inetd":
             user = pwd.getpwuid(os.geteuid()).pw_name
-            conf = workdir / "inetd.conf"
+            conf = self.workdir / "inetd.conf"
             # nowait.N: openbsd-inetd stops a service for 10 minutes after 256 starts a
             # minute unless N raises the limit.
             conf.write_text(
-                f"127.0.0.1:{self.port} stream tcp nowait.{rate} {user} "
+                f"127.0.0.1:{self.port} stream tcp nowait.{self.rate} {user} "
                 f"{argv[0]} smap {' '.join(argv[1:])}\n"
             )
-            cmd = [INETD, "-i", str(conf)]
-        else:
-            cmd = [SOCKET_ACTIVATE, "--inetd", "-a", "-l", f"127.0.0.1:{self.port}", *argv]
-        with self.log.open("wb") as log:
-            self.proc = subprocess.Popen(cmd, stdout=log, stderr=log, start_new_session=True)
-        deadline = time.monotonic() + 10
-        while not listening(self.port):
-            if self.proc.poll() is not None or time.monotonic() > deadline:
-                self.stop()
-                raise RuntimeError(f"{kind} did not start: {self.log.read_text()}")
-            time.sleep(0.01)
+            return [INETD, "-i", str(conf)]
+        return [SOCKET_ACTIVATE, "--inetd", "-a", "-l", f"127.0.0.1:{self.port}", *argv]
 
-    def connect(self, timeout: float = 30) -> socket.socket:
-        return socket.create_connection(("127.0.0.1", self.port), timeout=timeout)
+    def _start(self, port: int) -> str | None:
+        """Start on ``port``; None once our process listens there, else why not."""
+        self.port = port
+        with self.log.open("ab") as log:
+            log.write(f"--- port {port}\n".encode())
+            log.flush()
+            self.proc = proc = subprocess.Popen(
+                self._command(), stdout=log, stderr=log, start_new_session=True
+            )
+        _live.add(self)
+        deadline = time.monotonic() + START_TIMEOUT
+        while True:
+            found = listeners(port)
+            if found & socket_inodes(proc.pid):
+                return None
+            # openbsd-inetd keeps running (and says nothing without syslog) when its
+            # bind fails; a listener that is not ours means someone else took the port.
+            gone = proc.poll() is not None
+            if gone or found or time.monotonic() > deadline:
+                self.stop()
+                why = "exited" if gone else "port taken" if found else "not listening"
+                return f"port {port}: {why}: {self.log.read_text(errors='replace')[-500:]}"
+            time.sleep(_POLL)
+
+    def connect(self, timeout: float = 120, rcvbuf: int = 0) -> socket.socket:
+        """A client socket (``rcvbuf``: its receive buffer, set before the handshake)."""
+        sock = socket.socket()
+        try:
+            if rcvbuf:
+                sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, rcvbuf)
+            sock.settimeout(timeout)
+            sock.connect(("127.0.0.1", self.port))
+        except BaseException:
+            sock.close()
+            raise
+        return sock
 
     def children(self, running: bool = False) -> list[int]:
         """Pids of the super-server's children (``running``: zombies left out)."""
+        if self.proc is None:
+            return []
         pids = []
         for entry in os.listdir("/proc"):
             if not entry.isdigit():
                 continue
-            try:
-                stat = Path(f"/proc/{entry}/stat").read_text()
-            except OSError:
-                continue
-            state, ppid = stat.rsplit(")", 1)[1].split()[:2]
-            if int(ppid) == self.proc.pid and not (running and state == "Z"):
+            st = _stat(int(entry))
+            if st and st[1] == self.proc.pid and not (running and st[0] == "Z"):
                 pids.append(int(entry))
         return pids
 
     def stop(self) -> None:
-        if self.proc.poll() is None:
-            self.proc.send_signal(signal.SIGTERM)
+        """Kill the receivers still running, then the super-server; wait for all of them.
+
+        The receivers go first, while the super-server is there to reap them: openbsd-
+        inetd puts each in its own session, so they would outlive it otherwise.
+        """
+        _live.discard(self)
+        proc = self.proc
+        if proc is None:
+            return
+        if proc.poll() is None:
+            for _ in range(3):  # a connection accepted meanwhile may spawn one more
+                pids = self.children(running=True)
+                if not pids:
+                    break
+                for pid in pids:
+                    with contextlib.suppress(ProcessLookupError):
+                        os.kill(pid, signal.SIGKILL)
+                wait_until(
+                    lambda: not self.children(running=True), EXIT_TIMEOUT, "receivers live on"
+                )
+            proc.send_signal(signal.SIGTERM)
             try:
-                self.proc.wait(10)
+                proc.wait(EXIT_TIMEOUT)
             except subprocess.TimeoutExpired:
-                self.proc.kill()
-                self.proc.wait()
+                proc.kill()
+        proc.wait()
 
 
 class Client:

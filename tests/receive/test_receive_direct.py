@@ -21,7 +21,7 @@ def smap(
     *args: str, stdin: bytes = b"", env: dict[str, str] | None = None
 ) -> subprocess.CompletedProcess[bytes]:
     return subprocess.run(
-        [program("smap"), *args], input=stdin, capture_output=True, timeout=60, env=env or {}
+        [program("smap"), *args], input=stdin, capture_output=True, timeout=120, env=env or {}
     )
 
 

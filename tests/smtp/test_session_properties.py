@@ -6,12 +6,15 @@ from __future__ import annotations
 import itertools
 import re
 
-from hypothesis import given, settings
+from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from tests.smtp.sessiondrive import drive
 
 REPLY_LINE = re.compile(rb"[2-5][0-5][0-9][ -][^\r\n]*")
+# No deadline and no too_slow health check: on a loaded CI machine generating and
+# running an example may take long, which says nothing about the session.
+LOADED = settings(deadline=None, suppress_health_check=[HealthCheck.too_slow])
 
 TOKENS = [
     b"HELO c\r\n",
@@ -54,7 +57,7 @@ def check_replies(out: bytes) -> None:
     assert lines[-1][3:4] == b" "
 
 
-@settings(max_examples=400, deadline=None)
+@settings(LOADED, max_examples=400)
 @given(
     data=smtpish,
     cuts=st.lists(st.integers(min_value=0, max_value=4000), max_size=6),
@@ -86,7 +89,7 @@ def test_feed_never_raises_and_replies_are_valid(
 line_bytes = st.binary(max_size=60).map(lambda b: b.replace(b"\r", b"").replace(b"\n", b""))
 
 
-@settings(max_examples=300, deadline=None)
+@settings(LOADED, max_examples=300)
 @given(lines=st.lists(line_bytes, max_size=30), chunk=st.integers(min_value=1, max_value=64))
 def test_any_body_round_trips(lines: list[bytes], chunk: int) -> None:
     body = b"".join(line + b"\r\n" for line in lines)
@@ -96,7 +99,7 @@ def test_any_body_round_trips(lines: list[bytes], chunk: int) -> None:
     assert [e.body for e in run.envelopes] == [body]
 
 
-@settings(max_examples=200, deadline=None)
+@settings(LOADED, max_examples=200)
 @given(data=smtpish, outcomes=st.lists(st.booleans(), max_size=8))
 def test_storage_outcomes_in_any_order(data: bytes, outcomes: list[bool]) -> None:
     from smapq.smtp import replies as R
