@@ -14,16 +14,17 @@ an error later in the session cannot touch an accepted message: the session hold
 no reference to it any more.
 
 The session appends audit events to ``events`` as tuples (kind, detail, address,
-code): kinds are connect, helo, mail, rcpt, reject (detail = reason), accept
-(detail = queue id), vrfy, expn, timeout, disconnect.  ``address`` is the mailbox
-the event is about, as it would be stored (brackets and source route removed): the
-sender for mail/accept and for refusals of MAIL, its parameters or the message
-data; the recipient for rcpt and refusals of RCPT; ``"<>"`` for the null sender;
-``""`` when the event concerns no address.  A refused path that cannot be parsed is
-logged as the text between its brackets.  So ``smapq report`` can count refusals
-per sender and recipient.  Client text in events is cut to LOG_TEXT_MAX octets and
-control characters are shown as ``?``.  The driver drains the list
-(``events.clear()`` after reading).
+code): kinds are connect, helo (detail = verb and name), mail, rcpt, reject (detail =
+reason), accept (detail = queue id), vrfy, expn, timeout, disconnect.  ``address`` is
+the mailbox the event is about, as it would be stored (brackets and source route
+removed): the sender for mail/accept and for refusals of MAIL, its parameters or the
+message data; the recipient for rcpt and refusals of RCPT; ``"<>"`` for the null
+sender (the driver stores it as ``""``, as messages.mail_from has it); ``""`` when
+the event concerns no mailbox (a HELO/EHLO name is in the detail).  A refused path
+that cannot be parsed is logged as the text between its brackets.  So ``smapq
+report`` can count refusals per sender and recipient.  Client text in events is cut
+to LOG_TEXT_MAX octets and control characters are shown as ``?``.  The driver drains
+the list (``events.clear()`` after reading).
 
 DATA: end of data is ONLY ``<CRLF>.<CRLF>`` (RFC 5321 4.1.1.4).  Bare-newline
 policy (SMTP smuggling, CVE-2023-51764/5/6): a bare LF or bare CR never ends the
@@ -52,7 +53,9 @@ hypothesis test feeds it arbitrary bytes).  Addresses are checked by
 smapq.smtp.address.
 
 Standards: RFC 5321, RFC 1869/5321 EHLO, RFC 1870 SIZE, RFC 6152 8BITMIME,
-RFC 2920 PIPELINING, RFC 2034 ENHANCEDSTATUSCODES, RFC 6531 SMTPUTF8.
+RFC 2920 PIPELINING, RFC 2034 ENHANCEDSTATUSCODES, RFC 6531 SMTPUTF8; the envelope's
+protocol (the Received: "with" type) is SMTP, ESMTP (RFC 3848) or UTF8SMTP (RFC 6531
+3.7.3, when MAIL carried SMTPUTF8).
 
 Lean: stdlib only, no re/dataclasses/enum/typing at run time (HACKING.md).
 """
@@ -122,7 +125,7 @@ class Envelope:
         self.recipients = recipients
         self.body = body  # unstuffed, CRLF line ends, byte-exact
         self.helo = helo  # "" when the client never said HELO/EHLO
-        self.protocol = protocol  # "ESMTP" or "SMTP"
+        self.protocol = protocol  # the Received: "with" type: SMTP, ESMTP or UTF8SMTP
         self.params = params  # MAIL parameters, e.g. {"BODY": "8BITMIME"}
         self.size = len(body)
 
@@ -351,11 +354,13 @@ class Session:
         # longer one would also push the echoing 250 past the 512-octet reply line.
         bad = len(arg) > limits.DOMAIN_MAX or address.has_control(arg) or not arg.isascii()
         if not arg or bad:
-            self._error(syntax, verb + " syntax", show(arg))
+            # The name goes in the detail: events' address is for mailboxes only (the
+            # reports count refusals per sender and recipient by it).
+            self._error(syntax, f"{verb} syntax: {show(arg)}" if arg else verb + " syntax")
             return False
         self._reset()
         self._helo = arg.decode("ascii")
-        self.events.append(("helo", verb, self._helo, 250))
+        self.events.append(("helo", f"{verb} {self._helo}", "", 250))
         return True
 
     def smtp_HELO(self, arg: bytes) -> None:
@@ -563,11 +568,21 @@ class Session:
             self._rcpts,
             body,
             self._helo,
-            "ESMTP" if self._esmtp else "SMTP",
+            self._protocol(),
             self._params,
         )
         self._state = _PENDING
         return b""
+
+    def _protocol(self) -> str:
+        """The Received: "with" protocol type (RFC 3848; RFC 6531 3.7.3 for SMTPUTF8).
+
+        No TLS and no AUTH here, so never the ...S/...A variants.  SMTPUTF8 is only
+        accepted after EHLO, so UTF8SMTP implies ESMTP.
+        """
+        if "SMTPUTF8" in self._params:
+            return "UTF8SMTP"
+        return "ESMTP" if self._esmtp else "SMTP"
 
     # --- the other commands ---
     def smtp_RSET(self, arg: bytes) -> None:

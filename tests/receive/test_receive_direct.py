@@ -120,3 +120,45 @@ def test_broken_schema_is_451_not_a_traceback(open_dir: Path) -> None:
             "SELECT code, detail LIKE '%no such table: recipients%' FROM events"
             " WHERE kind = 'reject'"
         ).fetchall() == [(451, 1)]
+
+
+def test_null_sender_is_stored_alike_in_messages_and_every_event(open_dir: Path) -> None:
+    """<> is '' in messages.mail_from, so in every event too (the reports match them)."""
+    spool = spool_for_receiver(open_dir, "smap: maxbytes 2048\n")
+    dialogue = (
+        b"EHLO c\r\nMAIL FROM:<>\r\nRCPT TO:<d@e.f>\r\nDATA\r\nx\r\n.\r\n"
+        b"MAIL FROM:<> SIZE=4096\r\nMAIL FROM:<> FOO=1\r\n"
+        b"MAIL FROM:<>\r\nRCPT TO:<d@e.f>\r\nDATA\r\nbare\nLF\r\n.\r\nQUIT\r\n"
+    )
+    done = smap("-t", str(spool.table), stdin=dialogue)
+    assert done.returncode == 0, done.stderr
+    with sqlite3.connect(spool.db) as db:
+        assert db.execute("SELECT mail_from FROM messages").fetchall() == [("",)]
+        events = db.execute(
+            "SELECT kind, code, address FROM events WHERE kind IN ('mail', 'accept', 'reject')"
+            " ORDER BY id"
+        ).fetchall()
+    assert events == [
+        ("mail", 250, ""),
+        ("accept", 250, ""),
+        ("reject", 552, ""),
+        ("reject", 555, ""),
+        ("mail", 250, ""),
+        ("reject", 550, ""),
+    ]
+
+
+def test_helo_names_are_details_not_addresses(open_dir: Path) -> None:
+    spool = spool_for_receiver(open_dir)
+    done = smap("-t", str(spool.table), stdin=b"HELO\r\nHELO a\x01b\r\nEHLO c.example\r\nQUIT\r\n")
+    assert done.returncode == 0, done.stderr
+    with sqlite3.connect(spool.db) as db:
+        events = db.execute(
+            "SELECT kind, code, address, detail FROM events WHERE kind IN ('helo', 'reject')"
+            " ORDER BY id"
+        ).fetchall()
+    assert events == [
+        ("reject", 501, None, "HELO syntax"),
+        ("reject", 501, None, "HELO syntax: a?b"),
+        ("helo", 250, None, "EHLO c.example"),
+    ]

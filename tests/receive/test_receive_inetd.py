@@ -89,6 +89,23 @@ def test_smtplib_ehlo_and_a_lone_dot_line(rig: Rig) -> None:
     ]
 
 
+def test_smtputf8_message_is_received_with_utf8smtp(rig: Rig) -> None:
+    c = rig.client()
+    c.cmd(b"EHLO c.example")
+    sender = "jörg@bücher.example".encode()
+    assert c.cmd(b"MAIL FROM:<" + sender + b"> SMTPUTF8") == R.R250_SENDER_OK % (
+        b"<" + sender + b">"
+    )
+    c.cmd(b"RCPT TO:<d@e.f>")
+    c.cmd(b"DATA")
+    assert c.cmd(b"hi\r\n.").startswith(b"250 ")
+    c.cmd(b"QUIT")
+    assert c.eof()
+    ((protocol, trace),) = rig.rows("SELECT protocol, trace FROM messages")
+    assert protocol == "UTF8SMTP"
+    assert " with UTF8SMTP\r\n\tid " in str(trace)  # RFC 6531 3.7.3
+
+
 def test_pipelined_ehlo_session_with_two_messages(any_rig: Rig) -> None:
     c = any_rig.client()
     c.send(
@@ -348,7 +365,7 @@ def test_refused_traffic_is_audited_for_the_reports(rig: Rig) -> None:
     # the message's own events carry its queue id.
     assert rig.rows("SELECT kind, address, code, queue_id FROM events ORDER BY id") == [
         ("connect", None, 220, None),
-        ("helo", "c", 250, None),
+        ("helo", None, 250, None),  # the HELO name is in the detail, not an address
         ("reject", "-oQ/tmp@x", 553, None),
         ("mail", "alice@example.org", 250, qid),
         ("reject", "bob@example.org", 555, qid),

@@ -113,6 +113,18 @@ def test_smtputf8_allows_utf8_addresses() -> None:
     assert env.sender == "jörg@bücher.example"
     assert env.recipients == ["δοκιμή@παράδειγμα.example"]
     assert env.params == {"SMTPUTF8": ""}
+    assert env.protocol == "UTF8SMTP"  # RFC 6531 3.7.3: the Received: "with" type
+
+
+def test_protocol_is_per_transaction() -> None:
+    run = drive(
+        [
+            b"EHLO c\r\nMAIL FROM:<a@b.c> SMTPUTF8\r\nRCPT TO:<d@e.f>\r\nDATA\r\n.\r\n"
+            b"MAIL FROM:<a@b.c>\r\nRCPT TO:<d@e.f>\r\nDATA\r\n.\r\n"
+            b"HELO c\r\nMAIL FROM:<a@b.c>\r\nRCPT TO:<d@e.f>\r\nDATA\r\n.\r\n"
+        ]
+    )
+    assert [env.protocol for env in run.envelopes] == ["UTF8SMTP", "ESMTP", "SMTP"]
 
 
 def test_smtputf8_still_needs_valid_utf8() -> None:
@@ -183,6 +195,21 @@ REFUSED = [
     (b"MAIL FROM:<a@b.c>\r\nRCPT TO:<d@e.f>\r\nDATA\r\na\nb\r\n.", 550, "a@b.c"),
     (b"MAIL FROM:<>\r\nRCPT TO:<d@e.f>\r\nDATA\r\n" + b"x" * 1001 + b"\r\n.", 500, "<>"),
 ]
+
+
+@pytest.mark.parametrize(
+    ("command", "detail"),
+    [
+        (b"HELO " + b"h" * 256, "HELO syntax: " + "h" * 256),  # over 255 octets
+        (b"EHLO a\x1bb", "EHLO syntax: a?b"),
+        (b"EHLO", "EHLO syntax"),
+        (b"HELO \xc3\xa9", "HELO syntax: \xe9"),
+    ],
+)
+def test_helo_refusal_names_the_helo_in_the_detail(command: bytes, detail: str) -> None:
+    # events.address is for mailboxes (reports count refusals per address).
+    run = drive([command + b"\r\n"])
+    assert run.session.events[1:] == [("reject", detail, "", 501)]
 
 
 @pytest.mark.parametrize(("commands", "code", "address"), REFUSED)

@@ -142,7 +142,7 @@ def test_events_record_the_dialogue() -> None:
     run = drive([data])
     assert run.session.events == [
         ("connect", "", "", 220),
-        ("helo", "EHLO", "c.example", 250),
+        ("helo", "EHLO c.example", "", 250),  # a HELO name is no mailbox: in the detail
         ("vrfy", "root", "", 252),
         ("expn", "staff", "", 502),
         ("reject", "sender: address starts with '-'", "-x@y.z", 553),
