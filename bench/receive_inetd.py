@@ -24,6 +24,7 @@ from __future__ import annotations
 import argparse
 import os
 import pwd
+import random
 import shutil
 import socket
 import sqlite3
@@ -75,9 +76,52 @@ def make_spool(root: Path, hostname: str) -> Path:
 
 
 def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
+    """A random free loopback port below the ephemeral range (which client sockets use)."""
+    try:
+        lo = int(Path("/proc/sys/net/ipv4/ip_local_port_range").read_text().split()[0])
+    except (OSError, ValueError, IndexError):
+        lo = 32768
+    rng = random.SystemRandom()
+    for _ in range(1000):
+        port = rng.randrange(10000, lo) if lo > 12000 else rng.randrange(1024, 65536)
+        with socket.socket() as s:
+            s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+            try:
+                s.bind(("127.0.0.1", port))
+            except OSError:
+                continue
+            return port
+    raise RuntimeError("no free loopback port")
+
+
+def owns_listener(pid: int, port: int) -> bool:
+    """True once process ``pid`` itself listens on TCP ``port`` (not someone else)."""
+    want = f":{port:04X}"
+    inodes = set()
+    for table in ("/proc/net/tcp", "/proc/net/tcp6"):
+        for line in Path(table).read_text().splitlines()[1:]:
+            fields = line.split()
+            if fields[1].endswith(want) and fields[3] == "0A":
+                inodes.add(f"socket:[{fields[9]}]")
+    fd_dir = Path(f"/proc/{pid}/fd")
+    try:
+        links = {os.readlink(fd_dir / fd) for fd in os.listdir(fd_dir)}
+    except OSError:
+        return False
+    return bool(inodes & links)
+
+
+def children(pid: int) -> int:
+    """How many children (zombies included) process ``pid`` has."""
+    n = 0
+    for entry in os.listdir("/proc"):
+        if entry.isdigit():
+            try:
+                stat = Path(f"/proc/{entry}/stat").read_text()
+            except OSError:
+                continue
+            n += int(stat.rsplit(")", 1)[1].split()[1]) == pid
+    return n
 
 
 def start_server(kind: str, table: Path, workdir: Path) -> tuple[subprocess.Popen[bytes], int]:
@@ -93,7 +137,13 @@ def start_server(kind: str, table: Path, workdir: Path) -> tuple[subprocess.Pope
     else:
         cmd = [SOCKET_ACTIVATE, "--inetd", "-a", "-l", f"127.0.0.1:{port}", smap, "-t", str(table)]
     proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    deadline = time.monotonic() + 10
+    deadline = time.monotonic() + 60
+    while not owns_listener(proc.pid, port):  # openbsd-inetd is silent when bind fails
+        if proc.poll() is not None or time.monotonic() > deadline:
+            proc.kill()
+            proc.wait()
+            raise RuntimeError(f"{kind} is not listening on 127.0.0.1:{port}")
+        time.sleep(0.01)
     while True:
         try:
             with socket.create_connection(("127.0.0.1", port), timeout=5) as s:
@@ -104,6 +154,7 @@ def start_server(kind: str, table: Path, workdir: Path) -> tuple[subprocess.Pope
         except OSError:
             if time.monotonic() > deadline:
                 proc.kill()
+                proc.wait()
                 raise
             time.sleep(0.02)
 
@@ -217,7 +268,9 @@ def main() -> None:
             seq = throughput(port, max(args.messages // 4, 20), 1)
             cpu_before = children_cpu(proc.pid)
             par = throughput(port, args.messages, clients)
-            time.sleep(0.2)  # let the super-server reap the last receivers
+            deadline = time.monotonic() + 60  # the last receivers exit and are reaped
+            while children(proc.pid) and time.monotonic() < deadline:
+                time.sleep(0.01)
             cpu = (children_cpu(proc.pid) - cpu_before) / (args.messages // clients * clients)
         finally:
             proc.terminate()
