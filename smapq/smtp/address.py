@@ -90,11 +90,14 @@ def _closing_bracket(text: bytes) -> int:
 
 
 def strip_source_route(path: bytes) -> bytes | None:
-    """Drop an RFC 5321 A-d-l (``@a,@b:``); None when it is malformed."""
+    """Drop an RFC 5321 A-d-l (``@a,@b:``); None when it is malformed.
+
+    A route needs a mailbox after it: ``<@a:>`` is not the null path ``<>``.
+    """
     if path[:1] != b"@":
         return path
     colon = path.find(b":")
-    if colon < 0:
+    if colon < 0 or colon == len(path) - 1:
         return None
     for hop in path[:colon].split(b","):
         if hop[:1] != b"@" or not _domain_ok(hop[1:], False):

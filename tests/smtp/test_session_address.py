@@ -185,6 +185,7 @@ REFUSED = [
     (b"MAIL FROM:<\xc3\xa9@b.c>", 553, "\xe9@b.c"),
     (b"MAIL FROM:<a@b.c> SIZE=2000", 552, "a@b.c"),
     (b"MAIL FROM:<> SIZE=2000", 552, "<>"),
+    (b"MAIL FROM:<@r.example:>", 501, "@r.example:"),  # a route is not the null path
     (b"MAIL FROM:<a@b.c> SIZE=x", 501, "a@b.c"),
     (b"MAIL FROM:<a@b.c> RET=HDRS", 555, "a@b.c"),
     (b"MAIL FROM:<a@b.c>\r\nRCPT TO:<-x@y.z>", 553, "-x@y.z"),
