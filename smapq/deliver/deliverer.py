@@ -19,7 +19,17 @@ Crash safety (see smapq/store/states.py): a claim is one transaction; each outco
 one fenced transaction with its event; a batch sendmail accepted is committed before
 the next batch runs. A deliverer killed at any point leaves rows in ``delivering``
 whose lease expires and which the next poll (of any deliverer) puts back to
-``received``: at-least-once, never lost.
+``received``: at-least-once, never lost. A deliverer that merely stalled past its
+leases (SIGSTOP, swapping) does not recover its own rows -- their sendmails may still
+run -- but renews them; another deliverer may have taken them meanwhile, and then the
+lease token fences the stale outcome off. Jobs are keyed by (id, token) for that.
+
+Exit: whatever way ``run()`` ends, a deliverer never leaves a row it holds in
+``delivering``: unstarted jobs are released, running sendmails are aborted (on an
+error exit) or have finished (a normal one), their outcomes are committed, and a last
+statement releases any row still under this deliverer's name (back to ``received``,
+due now, the attempt not counted, a ``recovered`` event). Only if the database itself
+is unreachable is that left to lease expiry.
 
 Signals: SIGTERM/SIGINT stop claiming, release prefetched rows at once, let running
 sendmails finish (each bounded by ``sendmailtimeout``) and return; a second
@@ -55,10 +65,12 @@ PREFETCH = 16  # claimed beyond maxchildren (refilled at half), so workers never
 FLUSH_DELAY = 0.02  # outcomes wait at most this long for a shared commit
 FLUSH_MAX = 64  # ... or until this many are waiting
 
+HANDLED_SIGNALS = (signal.SIGTERM, signal.SIGINT, signal.SIGHUP)
+
 # Verdicts a worker reports (the message's fate after this run).
 SENT = "sent"  # a non-final batch was accepted; commit sent_at, then go on
 RELEASE = "release"  # aborted at shutdown: back to received, attempt not counted
-CRASHED = "crashed"  # a bug in the worker: leave the row to lease expiry
+CRASHED = "crashed"  # tally only: an outcome fenced off because the lease was lost
 
 
 class Job:
@@ -71,6 +83,7 @@ class Job:
         "attempts",
         "data",
         "id",
+        "key",
         "mail_from",
         "next_attempt_at",
         "queue_id",
@@ -89,6 +102,7 @@ class Job:
         self.attempts = int(row.attempts)
         self.next_attempt_at = float(row.next_attempt_at)
         self.token = int(row.lease_token)
+        self.key = (self.id, self.token)
         trace = (row.trace or "").encode("utf-8", "surrogateescape")
         self.data: bytes | None = None if row.body is None else trace + bytes(row.body)
         self.rcpts = rcpts
@@ -191,7 +205,9 @@ class Deliverer:
         self.tally = Tally()
         self.jobs: queue.SimpleQueue[Job | None] = queue.SimpleQueue()
         self.results: queue.SimpleQueue[tuple[Job, Verdict]] = queue.SimpleQueue()
-        self.inflight: dict[int, Job] = {}
+        # Keyed by (id, lease token): after a stall another deliverer may recover a row
+        # and this one claim it again while the stale job's sendmail still runs.
+        self.inflight: dict[tuple[int, int], Job] = {}
         self.pending: list[tuple[Job, Verdict]] = []
         self.pending_since = 0.0
         self.workers: list[threading.Thread] = []
@@ -219,8 +235,10 @@ class Deliverer:
         self._sigpipe = (read_fd, write_fd)
         self._old_wakeup = signal.set_wakeup_fd(write_fd, warn_on_full_buffer=False)
         old: dict[int, Any] = {}
-        for signum in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP):
+        for signum in HANDLED_SIGNALS:
             old[signum] = signal.signal(signum, _noted)
+        # service.run blocked them until now; one that came meanwhile arrives here.
+        signal.pthread_sigmask(signal.SIG_UNBLOCK, HANDLED_SIGNALS)
         return old
 
     def _restore_signals(self, old: dict[int, Any]) -> None:
@@ -259,13 +277,59 @@ class Deliverer:
         try:
             self._loop()
         finally:
-            for _ in self.workers:
-                self.jobs.put(None)
-            for worker in self.workers:
-                worker.join()
-            self._conn.close()
-            self._restore_signals(old)
+            try:
+                self._shutdown()
+            finally:
+                self._conn.close()
+                self._restore_signals(old)
         return self.tally
+
+    def _shutdown(self) -> None:
+        """Leave nothing in ``delivering``: see "Exit" in the module docstring."""
+        # On a normal exit nothing is in flight and this only stops the workers; after
+        # an error, unstarted jobs are released and running sendmails aborted (a
+        # worker must never go on running jobs nobody will record).
+        self._take_back_unstarted()
+        for job in self.inflight.values():
+            job.abort.set()
+        for _ in self.workers:
+            self.jobs.put(None)
+        for worker in self.workers:
+            while worker.is_alive():
+                worker.join(TICK)
+                self._drain_quietly()
+        self._drain_quietly()
+        now = time.time()
+        try:
+            if self.pending:
+                self._flush()
+            for job in list(self.inflight.values()):  # only after a bug: no verdict came
+                self._record(job, Verdict(RELEASE, "released at exit"))
+            if self.pending:
+                self._flush()
+            with self.conn.begin():
+                stray = queries.release_owned(self.conn, self.owner, now, "released at exit")
+        except DBAPIError as exc:
+            self.log.error("at exit: queue database error, leaving rows to lease expiry: %s", exc)
+            return
+        for row in stray:
+            self.log.error("%s: still held at exit; released", row.queue_id)
+            self.tally.count(RELEASE)
+
+    def _drain_quietly(self) -> None:
+        try:
+            self._drain_results()
+        except DBAPIError as exc:  # a SENT ack's write failed; its worker was answered
+            self.log.error("at exit: queue database error: %s", exc)
+
+    def _take_back_unstarted(self) -> None:
+        while True:
+            try:
+                job = self.jobs.get_nowait()
+            except queue.Empty:
+                return
+            if job is not None:
+                self._record(job, Verdict(RELEASE, "released at shutdown before it started"))
 
     def _loop(self) -> None:
         """Run ``_step`` until done; a database error is retried, not fatal at once.
@@ -363,7 +427,7 @@ class Deliverer:
     def _claim(self, limit: int, now: float) -> int:
         settings = self.settings
         with self.conn.begin():
-            for row in queries.recover_expired(self.conn, now):
+            for row in queries.recover_expired(self.conn, now, keep_owner=self.owner):
                 self.log.warning("%s: lease of %s expired, back to the queue", *row[1:3])
             rows = queries.claim(self.conn, self.owner, now, settings.lease, limit)
             rcpts: dict[int, list[tuple[int, str]]] = {int(r.id): [] for r in rows}
@@ -371,7 +435,7 @@ class Deliverer:
                 rcpts[int(r.message_id)].append((int(r.id), str(r.address)))
         for row in rows:
             job = Job(row, rcpts[int(row.id)], settings)
-            self.inflight[job.id] = job
+            self.inflight[job.key] = job
             self._ensure_workers()
             self.jobs.put(job)
         return len(rows)
@@ -385,27 +449,23 @@ class Deliverer:
             self.workers.append(worker)
 
     def _heartbeat(self, now: float) -> None:
-        ids = list(self.inflight)
+        # Renews expired leases too, as long as nobody took the row meanwhile: after a
+        # stall (SIGSTOP) the sendmail may still be running and the row is still ours.
+        ids = sorted({mid for mid, _ in self.inflight})
         with self.conn.begin():
             kept = queries.renew_leases(self.conn, self.owner, ids, now + self.settings.lease)
-        for lost in set(ids) - kept:
-            self.log.warning(
-                "%s: lease lost (expired or taken over); its outcome will be discarded",
-                self.inflight[lost].queue_id,
-            )
+        for (mid, _), job in self.inflight.items():
+            if mid not in kept:
+                self.log.warning(
+                    "%s: lease lost (expired or taken over); its outcome will be discarded",
+                    job.queue_id,
+                )
 
     # --- stop, reload ------------------------------------------------------------
 
     def _stopping(self) -> None:
         # Release what no worker has started yet; abort running children on a 2nd signal.
-        while True:
-            try:
-                job = self.jobs.get_nowait()
-            except queue.Empty:
-                break
-            if job is None:
-                continue
-            self._record(job, Verdict(RELEASE, "released at shutdown before it started"))
+        self._take_back_unstarted()
         if self.stop_requests != self.stops_seen:
             self.stops_seen = self.stop_requests
             running = len(self.inflight) - len(self.pending)
@@ -443,8 +503,10 @@ class Deliverer:
             try:
                 verdict = self._deliver(job)
             except Exception as exc:
+                # A bug: defer (the attempt counts, so a message that always crashes
+                # still ages out), rather than leave the row to lease expiry.
                 self.log.exception("%s: delivery crashed", job.queue_id)
-                verdict = Verdict(CRASHED, f"delivery crashed: {exc!r}")
+                verdict = Verdict(policy.RETRY, f"delivery crashed: {exc!r}")
             self.results.put((job, verdict))
 
     def _deliver(self, job: Job) -> Verdict:
@@ -478,7 +540,8 @@ class Deliverer:
                 self.results.put((job, Verdict(SENT, text, 0, ids)))
                 job.ack.wait()
                 if not job.ack_ok:
-                    return Verdict(CRASHED, "lease lost between batches")
+                    # Fenced off when recorded; the rest waits for whoever holds it now.
+                    return Verdict(policy.RETRY, "lease lost between batches")
                 continue
             if kind != policy.DELIVERED and job.abort.is_set():
                 return Verdict(RELEASE, f"released at shutdown: {text}")
@@ -523,28 +586,28 @@ class Deliverer:
     def _flush(self) -> None:
         batch = self.pending
         now = time.time()
-        plans = [_plan(job, verdict, now) for job, verdict in batch]
-        live = [p for p in plans if p.kind != CRASHED]
         with self.conn.begin():
+            held_for = queries.held_seconds(self.conn, _near_deadline(batch, now))
+            plans = [
+                _plan(job, verdict, now, held_for.get(job.queue_id, 0.0)) for job, verdict in batch
+            ]
             held = queries.record_outcomes(
                 self.conn,
                 now,
-                [p.row() for p in live],
-                [(p.job.id, rid, text) for p in live for rid, text in p.sent],
-                [(p.job.id, rid, text) for p in live for rid, text in p.notes],
+                [p.row() for p in plans],
+                [(*p.job.key, rid, text) for p in plans for rid, text in p.sent],
+                [(*p.job.key, rid, text) for p in plans for rid, text in p.notes],
             )
         self.pending = []  # committed (on an error they stay pending for the next try)
         for p in plans:
-            self.inflight.pop(p.job.id, None)
-            if p.kind != CRASHED and p.job.id not in held:
+            self.inflight.pop(p.job.key, None)
+            if p.job.key not in held:
                 self.log.warning(
                     "%s: lease lost, outcome %s (%s) discarded", p.job.queue_id, p.kind, p.detail
                 )
                 self.tally.count(CRASHED)
                 continue
             self.tally.count(p.kind)
-            if p.kind == CRASHED:
-                continue
             self._log_outcome(p)
             if p.kind == policy.BAD:
                 self._export(p.job, p.detail)
@@ -619,11 +682,25 @@ class Plan:
         }
 
 
-def _plan(job: Job, verdict: Verdict, now: float) -> Plan:
-    """What a verdict does to the message: state, attempts, next try, recipients."""
+def _near_deadline(batch: list[tuple[Job, Verdict]], now: float) -> list[str]:
+    """Queue ids of deferrals whose give-up deadline matters now (see policy)."""
+    out = []
+    for job, verdict in batch:
+        s = job.settings
+        if verdict.kind == policy.RETRY and policy.near_deadline(
+            now, job.received_at, job.attempts + 1, s.minbackoff, s.maxbackoff, s.maxqueuetime
+        ):
+            out.append(job.queue_id)
+    return out
+
+
+def _plan(job: Job, verdict: Verdict, now: float, held: float = 0.0) -> Plan:
+    """What a verdict does to the message: state, attempts, next try, recipients.
+
+    ``held``: seconds the message spent on hold, which do not count towards
+    ``maxqueuetime``.
+    """
     kind, text, code = verdict.kind, verdict.text, verdict.code
-    if kind == CRASHED:
-        return Plan(job, CRASHED, "", text, code)
     if kind == RELEASE:
         p = Plan(job, RELEASE, "recovered", text, code)
         p.values = job.values(states.RECEIVED, job.attempts)
@@ -637,7 +714,7 @@ def _plan(job: Job, verdict: Verdict, now: float) -> Plan:
     if kind == policy.RETRY:
         s = job.settings
         when = policy.next_attempt(
-            now, job.received_at, attempts, s.minbackoff, s.maxbackoff, s.maxqueuetime
+            now, job.received_at, attempts, s.minbackoff, s.maxbackoff, s.maxqueuetime, held
         )
         if when is not None:
             detail = f"{text}; next try in {int(when - now)}s"
@@ -645,7 +722,8 @@ def _plan(job: Job, verdict: Verdict, now: float) -> Plan:
             p.values = job.values(states.RECEIVED, attempts, next_attempt_at=when)
             p.notes = [(rid, text) for rid in verdict.rcpt_ids]
             return p
-        text = f"gave up after {attempts} attempts in {int(now - job.received_at)}s: {text}"
+        age = f"{int(now - job.received_at)}s" + (f" ({int(held)}s of it held)" if held else "")
+        text = f"gave up after {attempts} attempts in {age}: {text}"
     p = Plan(job, policy.BAD, "bad", text, code)
     p.values = job.values(states.BAD, attempts)
     p.notes = [(rid, text) for rid in verdict.rcpt_ids]

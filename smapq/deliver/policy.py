@@ -108,17 +108,34 @@ def backoff(attempts: int, minbackoff: int, maxbackoff: int) -> float:
 
 
 def next_attempt(
-    now: float, received_at: float, attempts: int, minbackoff: int, maxbackoff: int, maxage: int
+    now: float,
+    received_at: float,
+    attempts: int,
+    minbackoff: int,
+    maxbackoff: int,
+    maxage: int,
+    held: float = 0.0,
 ) -> float | None:
     """When to try again after a temporary failure, or None: give up (too old).
 
-    The last try is moved to the deadline itself, so a message gets its full
+    The age is the time in the queue minus ``held``, the time spent on hold: held
+    mail does not expire while held (Postfix's rule for ``postsuper -h``), and after
+    its release it has the rest of its ``maxqueuetime``, neither more nor less. The
+    last try is moved to the deadline itself, so a message gets its full
     ``maxqueuetime`` before it is declared bad.
     """
-    deadline = received_at + maxage
+    deadline = received_at + held + maxage
     if now >= deadline:
         return None
     return min(now + backoff(attempts, minbackoff, maxbackoff), deadline)
+
+
+def near_deadline(
+    now: float, received_at: float, attempts: int, minbackoff: int, maxbackoff: int, maxage: int
+) -> bool:
+    """Whether time spent on hold could change ``next_attempt`` (it can only move the
+    deadline later): only then is it worth looking up."""
+    return now + backoff(attempts, minbackoff, maxbackoff) > received_at + maxage
 
 
 def exec_problem(path: str) -> str | None:

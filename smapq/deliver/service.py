@@ -13,6 +13,7 @@ bad. ``--daemon`` returns 0 after SIGTERM/SIGINT.
 from __future__ import annotations
 
 import os
+import signal
 
 from smapq.config.netperm import check_mode
 from smapq.config.settings import SmapdSettings, load, loads
@@ -65,6 +66,10 @@ class Table:
 
 def run(table: str, once: bool, debug: bool = False) -> int:
     """``smapq deliver --once`` (once=True) or ``--daemon``; returns the exit status."""
+    # Until the loop's handlers are in place a SIGHUP would kill us (its default
+    # action) and a SIGTERM would skip the orderly release: hold them pending; the
+    # loop unblocks them once it can act on them (deliverer.Deliverer.run).
+    signal.pthread_sigmask(signal.SIG_BLOCK, deliverer.HANDLED_SIGNALS)
     source = Table(table)
     settings = source.load()
     logger = log.setup(debug)

@@ -172,28 +172,32 @@ CLAIM_COLUMNS = (
 )
 
 
-def recover_expired_stmt(now: float) -> Any:
-    return (
+def recover_expired_stmt(now: float, keep_owner: str | None = None) -> Any:
+    stmt = (
         messages.update()
         .where(messages.c.state == states.DELIVERING)
         .where(messages.c.lease_expires_at < now)
-        .values(
-            state=states.RECEIVED,
-            attempts=messages.c.attempts + 1,
-            lease_expires_at=None,
-            updated_at=now,
-        )
-        .returning(messages.c.id, messages.c.queue_id, messages.c.lease_owner)
     )
+    if keep_owner is not None:
+        stmt = stmt.where(func.coalesce(messages.c.lease_owner, "") != keep_owner)
+    return stmt.values(
+        state=states.RECEIVED,
+        attempts=messages.c.attempts + 1,
+        lease_expires_at=None,
+        updated_at=now,
+    ).returning(messages.c.id, messages.c.queue_id, messages.c.lease_owner)
 
 
-def recover_expired(conn: Connection, now: float) -> list[Row[Any]]:
+def recover_expired(conn: Connection, now: float, keep_owner: str | None = None) -> list[Row[Any]]:
     """Rows whose lease expired go back to ``received`` (due at once), one event each.
 
     The attempt is counted, so a message that kills its deliverer every time still
-    ages out through maxqueuetime instead of looping forever.
+    ages out through maxqueuetime instead of looping forever. ``keep_owner`` (the
+    calling deliverer) is skipped: a deliverer that was stopped past its leases still
+    runs those sendmails; it renews its leases instead of re-claiming its own rows and
+    starting a second sendmail beside the first. Others recover them if it is dead.
     """
-    rows = list(conn.execute(recover_expired_stmt(now)))
+    rows = list(conn.execute(recover_expired_stmt(now, keep_owner)))
     insert_events(
         conn,
         [
@@ -439,25 +443,31 @@ def record_outcomes(
     conn: Connection,
     now: float,
     outcomes: Sequence[Mapping[str, Any]],
-    sent: Sequence[tuple[int, int, str]] = (),
-    notes: Sequence[tuple[int, int, str]] = (),
-) -> set[int]:
+    sent: Sequence[tuple[int, int, int, str]] = (),
+    notes: Sequence[tuple[int, int, int, str]] = (),
+) -> set[tuple[int, int]]:
     """Several outcomes in the caller's one transaction (group commit).
 
-    Returns the message ids whose lease was still held: only those are written (the
-    rest belong to a newer claim now and are left alone, events included).
-    ``outcomes`` rows carry message_id, token, queue_id, event, code, detail and the
-    ``FINISH_COLUMNS``; ``sent`` are (message id, recipient id, result) for batches
-    sendmail accepted, ``notes`` the same for recipients that were not delivered.
+    Returns the (message id, lease token) pairs whose lease was still held: only those
+    are written (the rest belong to a newer claim now and are left alone, events
+    included; the newer claim may be in the same batch). ``outcomes`` rows carry
+    message_id, token, queue_id, event, code, detail and the ``FINISH_COLUMNS``;
+    ``sent`` are (message id, token, recipient id, result) for batches sendmail
+    accepted, ``notes`` the same for recipients that were not delivered.
     """
     held_pairs = _held_pairs(conn, [(o["message_id"], o["token"]) for o in outcomes])
-    held = {mid for mid, _ in held_pairs}
     sent_rows = [
-        {"r_id": rid, "r_now": now, "r_result": text} for mid, rid, text in sent if mid in held
+        {"r_id": rid, "r_now": now, "r_result": text}
+        for mid, token, rid, text in sent
+        if (mid, token) in held_pairs
     ]
     if sent_rows:
         conn.execute(_recipient_result_stmt(True), sent_rows)
-    note_rows = [{"r_id": rid, "r_result": text} for mid, rid, text in notes if mid in held]
+    note_rows = [
+        {"r_id": rid, "r_result": text}
+        for mid, token, rid, text in notes
+        if (mid, token) in held_pairs
+    ]
     if note_rows:
         conn.execute(_recipient_result_stmt(False), note_rows)
     params = []
@@ -480,7 +490,65 @@ def record_outcomes(
     if params:
         conn.execute(finish_stmt(), params)
         conn.execute(_event_stmt(), logged)
-    return held
+    return held_pairs
+
+
+def release_owned(conn: Connection, owner: str, now: float, detail: str) -> list[Row[Any]]:
+    """Every row ``owner`` still holds goes back to ``received``, the attempt not counted.
+
+    The deliverer's last statement before it exits (its workers are gone, so none of
+    these rows has a sendmail running): whatever it still holds is released at once
+    instead of waiting out the lease (which would also count an attempt). Owner names
+    are unique per process, so this touches only this deliverer's claims.
+    """
+    stmt = (
+        messages.update()
+        .where(messages.c.state == states.DELIVERING)
+        .where(messages.c.lease_owner == owner)
+        .values(
+            state=states.RECEIVED,
+            lease_owner=None,
+            lease_expires_at=None,
+            updated_at=now,
+        )
+        .returning(messages.c.id, messages.c.queue_id, messages.c.lease_token)
+    )
+    rows = list(conn.execute(stmt))
+    insert_events(
+        conn,
+        [{"at": now, "kind": "recovered", "queue_id": r.queue_id, "detail": detail} for r in rows],
+    )
+    return rows
+
+
+HOLD_EVENTS = ("held", "released", "requeued")
+
+
+def held_seconds(conn: Connection, queue_ids: Sequence[str]) -> dict[str, float]:
+    """Per queue id, the time spent in ``held`` so far (from the hold/release events).
+
+    The queue verbs write ``held`` when a message is put on hold and ``released`` or
+    ``requeued`` when it leaves hold, each in the transaction that moves the row, so
+    the events are an exact record of the held intervals. Only consulted when a
+    deferral is near the give-up deadline (rare), so no column is needed for it.
+    """
+    if not queue_ids:
+        return {}
+    stmt = (
+        select(events.c.queue_id, events.c.kind, events.c.at)
+        .where(events.c.queue_id.in_(list(queue_ids)))
+        .where(events.c.kind.in_(HOLD_EVENTS))
+        .order_by(events.c.queue_id, events.c.id)
+    )
+    total: dict[str, float] = dict.fromkeys(queue_ids, 0.0)
+    since: dict[str, float] = {}
+    for r in conn.execute(stmt):
+        qid = str(r.queue_id)
+        if r.kind == "held":
+            since.setdefault(qid, float(r.at))
+        elif qid in since:
+            total[qid] += max(0.0, float(r.at) - since.pop(qid))
+    return total
 
 
 def next_due_at(conn: Connection) -> float | None:

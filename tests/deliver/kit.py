@@ -83,11 +83,12 @@ class StandIn:
             peak = max(peak, running)
         return peak
 
-    def hold(self) -> None:
-        (self.dir / "hold").touch()
+    def hold(self, local: str = "") -> None:
+        """Make runs wait before exiting: all of them, or those for ``local@...``."""
+        (self.dir / (f"hold-{local}" if local else "hold")).touch()
 
-    def release(self) -> None:
-        (self.dir / "hold").unlink(missing_ok=True)
+    def release(self, local: str = "") -> None:
+        (self.dir / (f"hold-{local}" if local else "hold")).unlink(missing_ok=True)
 
 
 @pytest.fixture

@@ -6,7 +6,8 @@ Each call writes ``calls/<n>.json`` (argv, uid, gid, groups, pid, start time) an
 ``calls/<n>.in`` (stdin, byte-exact). A recipient ``exitNN@...`` makes it exit NN,
 ``signalNN@...`` kill itself with signal NN, ``failonce@...`` exit 75 the first
 time only, ``talk@...`` print a lot; while the file
-``hold`` exists next to it, it waits (after recording) before exiting.
+``hold`` exists next to it, it waits (after recording) before exiting, and so does
+a run for recipient ``LOCAL@...`` while ``hold-LOCAL`` exists.
 """
 
 import json
@@ -50,11 +51,14 @@ def main() -> int:
                 code = 75
         elif local == "talk":
             sys.stdout.write("x" * 100000 + "\n")
-    while os.path.exists(os.path.join(HERE, "hold")):
+    holds = [os.path.join(HERE, "hold")]
+    holds += [os.path.join(HERE, "hold-" + a.split("@")[0]) for a in sys.argv[1:] if "@" in a]
+    while any(os.path.exists(h) for h in holds):
         time.sleep(0.05)
     print(f"stand-in: {len(data)} bytes")
-    with open(os.path.join(CALLS, name + ".done"), "w") as fh:
+    with open(tmp, "w") as fh:  # renamed into place: a reader never sees it half written
         fh.write(repr(time.time()))
+    os.rename(tmp, os.path.join(CALLS, name + ".done"))
     return code
 
 

@@ -91,14 +91,16 @@ def test_a_late_finisher_cannot_overwrite_a_newer_claim(engine: Engine) -> None:
             "attempts": 1, "next_attempt_at": 1.0, "delivered_at": 202.0,
         }  # fmt: skip
         stale = {**outcome, "token": first.lease_token, "detail": "late"}
-        sent = [(second.id, rid, "ok")]
-        assert queries.record_outcomes(conn, 202.0, [outcome, stale], sent) == {second.id}
+        sent = [(second.id, second.lease_token, rid, "ok")]
+        stale_sent = [(first.id, first.lease_token, rid, "late")]
+        held = queries.record_outcomes(conn, 202.0, [outcome, stale], sent + stale_sent)
+        assert held == {(second.id, second.lease_token)}
     with engine.begin() as conn:
         row = queries.message_by_queue_id(conn, qid)
         assert row is not None
         assert (row.state, row.delivered_at, row.lease_owner) == ("delivered", 202.0, None)
         [rcpt] = queries.recipients_of(conn, row.id)
-        assert rcpt.sent_at == 202.0
+        assert (rcpt.sent_at, rcpt.last_result) == (202.0, "ok")  # the stale row was not written
         events = queries.events_of(conn, qid)
         assert [(e.kind, e.detail) for e in events][-1] == ("delivered", "ok")
         assert len(events) == 4

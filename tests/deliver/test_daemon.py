@@ -145,3 +145,19 @@ def test_once_and_daemon_agree_on_the_table(tmp_path: Path, standin: StandIn) ->
     finally:
         code, err = stop(daemon, signal.SIGINT)
     assert code == 0, err
+
+
+def test_a_signal_during_start_up_is_not_fatal(tmp_path: Path, standin: StandIn) -> None:
+    """SIGHUP right after the first log line (the privilege drop), before the loop
+    runs: it is held pending until the loop can act on it, not the default action
+    (which terminates the process)."""
+    q = make_queue(tmp_path, str(standin.path), NO_SCAN)
+    daemon = q.start_daemon()
+    try:
+        wait_for(lambda: "smapd[" in peek_log(daemon), what="the first log line")
+        daemon.send_signal(signal.SIGHUP)
+        qid = q.add(["a@x.example"])
+        wait_for(lambda: q.row(qid).state == "delivered", what="delivery after SIGHUP")
+    finally:
+        code, err = stop(daemon)
+    assert code == 0, err

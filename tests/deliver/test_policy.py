@@ -67,6 +67,19 @@ def test_next_attempt_gives_up_at_the_deadline_and_tries_once_there() -> None:
     assert policy.next_attempt(5 * day, 0.0, 10, 300, 3600, 5 * 86400) is None
 
 
+def test_time_on_hold_does_not_count_towards_the_deadline() -> None:
+    day = 86400.0
+    life = 5 * 86400
+    # Received at 0, held for 3 days: at day 6 it still has a day left.
+    assert policy.next_attempt(6 * day, 0.0, 1, 300, 3600, life) is None
+    assert policy.next_attempt(6 * day, 0.0, 1, 300, 3600, life, held=3 * day) == 6 * day + 300
+    assert policy.next_attempt(8 * day - 10, 0.0, 9, 300, 3600, life, 3 * day) == 8 * day
+    assert policy.next_attempt(8 * day, 0.0, 9, 300, 3600, life, held=3 * day) is None
+    # The hold is only looked up when the deadline is in reach of the next backoff.
+    assert not policy.near_deadline(day, 0.0, 1, 300, 3600, life)
+    assert policy.near_deadline(5 * day - 100, 0.0, 1, 300, 3600, life)
+
+
 def test_argv_is_sendmail_oi_f_sender_dashdash_recipients() -> None:
     argv = command.argv("/usr/sbin/sendmail", "a@b", ["c@d", "e@f"])
     assert argv == ["/usr/sbin/sendmail", "-oi", "-f", "a@b", "--", "c@d", "e@f"]
