@@ -172,7 +172,9 @@ CLAIM_COLUMNS = (
 )
 
 
-def recover_expired_stmt(now: float, keep_owner: str | None = None) -> Any:
+def recover_expired_stmt(now: Any, keep_owner: Any = None) -> Any:
+    """The recovery UPDATE with values (tests, plans); ``recover_expired`` runs the
+    form built once with bind parameters."""
     stmt = (
         messages.update()
         .where(messages.c.state == states.DELIVERING)
@@ -188,6 +190,19 @@ def recover_expired_stmt(now: float, keep_owner: str | None = None) -> Any:
     ).returning(messages.c.id, messages.c.queue_id, messages.c.lease_owner)
 
 
+def _recover_expired_cached(skip_owner: bool) -> Any:
+    key = "recover_skip" if skip_owner else "recover"
+    stmt = _DELIVERER_STMTS.get(key)
+    if stmt is None:
+        owner: Any = bindparam("r_owner") if skip_owner else None
+        stmt = _DELIVERER_STMTS[key] = recover_expired_stmt(bindparam("r_now"), owner)
+    return stmt
+
+
+def _recover_params(now: float, keep_owner: str | None) -> dict[str, Any]:
+    return {"r_now": now} if keep_owner is None else {"r_now": now, "r_owner": keep_owner}
+
+
 def recover_expired(conn: Connection, now: float, keep_owner: str | None = None) -> list[Row[Any]]:
     """Rows whose lease expired go back to ``received`` (due at once), one event each.
 
@@ -197,7 +212,10 @@ def recover_expired(conn: Connection, now: float, keep_owner: str | None = None)
     runs those sendmails; it renews its leases instead of re-claiming its own rows and
     starting a second sendmail beside the first. Others recover them if it is dead.
     """
-    rows = list(conn.execute(recover_expired_stmt(now, keep_owner)))
+    stmt = _recover_expired_cached(keep_owner is not None)
+    rows = list(conn.execute(stmt, _recover_params(now, keep_owner)))
+    if not rows:
+        return rows
     insert_events(
         conn,
         [
@@ -213,7 +231,22 @@ def recover_expired(conn: Connection, now: float, keep_owner: str | None = None)
     return rows
 
 
-def claim_stmt(owner: str, now: float, lease: float, limit: int) -> Any:
+def claim_stmt(owner: Any, now: Any, lease: Any, limit: Any) -> Any:
+    """The claim UPDATE with values (tests, plans); ``claim`` runs the form built once
+    with bind parameters."""
+    return _claim_build(owner, now, now + lease, limit)
+
+
+def _claim_cached() -> Any:
+    stmt = _DELIVERER_STMTS.get("claim")
+    if stmt is None:
+        stmt = _DELIVERER_STMTS["claim"] = _claim_build(
+            bindparam("c_owner"), bindparam("c_now"), bindparam("c_expires"), bindparam("c_limit")
+        )
+    return stmt
+
+
+def _claim_build(owner: Any, now: Any, expires: Any, limit: Any) -> Any:
     # The subquery's FOR UPDATE SKIP LOCKED makes concurrent PostgreSQL deliverers skip
     # each other's rows; SQLite drops it and serialises on BEGIN IMMEDIATE instead.
     due = (
@@ -234,7 +267,7 @@ def claim_stmt(owner: str, now: float, lease: float, limit: int) -> Any:
         .values(
             state=states.DELIVERING,
             lease_owner=owner,
-            lease_expires_at=now + lease,
+            lease_expires_at=expires,
             lease_token=messages.c.lease_token + 1,
             updated_at=now,
         )
@@ -242,12 +275,16 @@ def claim_stmt(owner: str, now: float, lease: float, limit: int) -> Any:
     )
 
 
+def _claim_params(owner: str, now: float, lease: float, limit: int) -> dict[str, Any]:
+    return {"c_owner": owner, "c_now": now, "c_expires": now + lease, "c_limit": limit}
+
+
 def claim(conn: Connection, owner: str, now: float, lease: float, limit: int) -> list[Row[Any]]:
     """Claim up to ``limit`` due messages for ``owner``; oldest due first, one event each."""
     # RETURNING order is unspecified; hand messages out oldest-due first.
     rows = sorted(
-        conn.execute(claim_stmt(owner, now, lease, limit)),
-        key=lambda r: (r.next_attempt_at, r.id),
+        conn.execute(_claim_cached(), _claim_params(owner, now, lease, limit)),
+        key=lambda r: (r[4], r[0]),  # (next_attempt_at, id): see CLAIM_COLUMNS
     )
     insert_events(
         conn,
@@ -268,13 +305,15 @@ def unsent_recipients(conn: Connection, message_ids: Sequence[int]) -> list[Row[
     """Recipients not yet handed to sendmail, for the messages just claimed."""
     if not message_ids:
         return []
-    stmt = (
-        select(recipients.c.id, recipients.c.message_id, recipients.c.address)
-        .where(recipients.c.message_id.in_(message_ids))
-        .where(recipients.c.sent_at.is_(None))
-        .order_by(recipients.c.message_id, recipients.c.position)
-    )
-    return list(conn.execute(stmt))
+    stmt = _DELIVERER_STMTS.get("unsent")
+    if stmt is None:
+        stmt = _DELIVERER_STMTS["unsent"] = (
+            select(recipients.c.id, recipients.c.message_id, recipients.c.address)
+            .where(recipients.c.message_id.in_(bindparam("u_ids", expanding=True)))
+            .where(recipients.c.sent_at.is_(None))
+            .order_by(recipients.c.message_id, recipients.c.position)
+        )
+    return list(conn.execute(stmt, {"u_ids": list(message_ids)}))
 
 
 def renew_leases(
@@ -417,13 +456,16 @@ def _held_pairs(conn: Connection, leases: Sequence[tuple[int, int]]) -> set[tupl
     if not leases:
         return set()
     wanted = {(int(mid), int(token)) for mid, token in leases}
-    stmt = (
-        select(messages.c.id, messages.c.lease_token)
-        .where(messages.c.id.in_(sorted({mid for mid, _ in wanted})))
-        .where(messages.c.state == states.DELIVERING)
-        .with_for_update()
-    )
-    return {(int(r.id), int(r.lease_token)) for r in conn.execute(stmt)} & wanted
+    stmt = _DELIVERER_STMTS.get("held")
+    if stmt is None:
+        stmt = _DELIVERER_STMTS["held"] = (
+            select(messages.c.id, messages.c.lease_token)
+            .where(messages.c.id.in_(bindparam("h_ids", expanding=True)))
+            .where(messages.c.state == states.DELIVERING)
+            .with_for_update()
+        )
+    rows = conn.execute(stmt, {"h_ids": sorted({mid for mid, _ in wanted})})
+    return {(int(mid), int(token)) for mid, token in rows} & wanted
 
 
 def _recipient_result_stmt(sent: bool) -> Any:
