@@ -17,6 +17,12 @@ DEV_LOG = "/dev/log"
 
 
 def setup(debug: bool = False, dev_log: str = DEV_LOG) -> logging.Logger:
+    # One line per delivered message: skip what our formats never show (the logging
+    # HOWTO's "Optimization": caller file/line lookup, thread and multiprocessing
+    # names). This process is the deliverer alone, so the settings are ours to make.
+    logging._srcfile = None
+    logging.logThreads = False
+    logging.logMultiprocessing = False
     log = logging.getLogger(LOGGER)
     log.handlers.clear()
     log.propagate = False
