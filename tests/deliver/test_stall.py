@@ -143,15 +143,17 @@ def test_daemon_stopped_past_its_leases_releases_them_on_the_second_sigterm(
     daemon = q.start_daemon()
     qid = q.add(["a@x.example"])
     try:
-        wait_for(standin.calls, what="sendmail started")
-        stall_past_leases(q, daemon, qid)
+        try:
+            wait_for(standin.calls, what="sendmail started")
+            stall_past_leases(q, daemon, qid)
+        finally:
+            daemon.send_signal(signal.SIGCONT)
+        # Continued: the row is still its own (renewed), not recovered behind its back.
+        wait_for(lambda: q.row(qid).lease_expires_at > time.time(), what="the lease renewed")
+        daemon.send_signal(signal.SIGTERM)
+        wait_for(lambda: "signal again to abort" in peek_log(daemon), what="first stop seen")
     finally:
-        daemon.send_signal(signal.SIGCONT)
-    # Continued: the row is still its own (renewed), not recovered behind its back.
-    wait_for(lambda: q.row(qid).lease_expires_at > time.time(), what="the lease renewed")
-    daemon.send_signal(signal.SIGTERM)
-    wait_for(lambda: "signal again to abort" in peek_log(daemon), what="first stop seen")
-    code, err = stop(daemon)
+        code, err = stop(daemon)  # never leave the daemon behind, even on a failure
     standin.release()
     assert code == 0, err
     row = q.row(qid)
