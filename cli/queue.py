@@ -22,7 +22,7 @@ from smapq.report import queue as q
 from smapq.report.db import readonly_session, translated
 
 from .common import State, pass_state
-from .report import format_option
+from .report import format_option, width_option
 
 
 @click.group("queue")
@@ -56,13 +56,7 @@ def _duration(option: str, value: str | None) -> float | None:
     help="messages per page (0: all, streamed)",
 )
 @format_option
-@click.option(
-    "--width",
-    type=int,
-    default=output.TABLE_WIDTH,
-    show_default=True,
-    help="table width (0: never cut)",
-)
+@width_option
 @pass_state
 def list_cmd(
     state: State,
@@ -159,13 +153,7 @@ def _show_table(info: dict[str, Any], width: int) -> None:
     show_default=True,
     help="table for people, json for programs",
 )
-@click.option(
-    "--width",
-    type=int,
-    default=output.TABLE_WIDTH,
-    show_default=True,
-    help="table width (0: never cut)",
-)
+@width_option
 @pass_state
 def show_cmd(state: State, /, queue_id: str, fmt: str, width: int) -> None:
     """Envelope, recipients, events timeline (with its SMTP session) and headers."""

@@ -28,13 +28,7 @@ def window_options(top_default: int | None) -> Callable[[F], F]:
     """--since/--until/--format/--width, and --top when the report is a ranking."""
 
     def deco(f: F) -> F:
-        f = click.option(
-            "--width",
-            type=int,
-            default=output.TABLE_WIDTH,
-            show_default=True,
-            help="table width; long cells are cut with '…' (0: never cut)",
-        )(f)
+        f = width_option(f)
         f = format_option(f)
         if top_default is not None:
             f = click.option(
@@ -55,6 +49,16 @@ def window_options(top_default: int | None) -> Callable[[F], F]:
         )(f)
 
     return deco
+
+
+def width_option(f: F) -> F:
+    return click.option(
+        "--width",
+        type=int,
+        default=output.TABLE_WIDTH,
+        show_default=True,
+        help="table width; long cells are cut with '…' (0: never cut)",
+    )(f)
 
 
 def format_option(f: F) -> F:
@@ -180,13 +184,7 @@ def age_cmd(state: State, /, queue_states: tuple[str, ...], **opts: Any) -> None
 @click.argument("statement")
 @click.option("--limit", type=click.IntRange(min=1), help="stop after this many rows")
 @format_option
-@click.option(
-    "--width",
-    type=int,
-    default=output.TABLE_WIDTH,
-    show_default=True,
-    help="table width (0: never cut)",
-)
+@width_option
 @pass_state
 def sql_cmd(state: State, statement: str, limit: int | None, fmt: str, width: int) -> None:
     """Run one read-only SQL statement; writes are impossible, not filtered.

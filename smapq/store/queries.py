@@ -838,16 +838,24 @@ def report_client_totals(
     conn: Connection, addrs: Sequence[str], since: float | None, until: float | None
 ) -> list[Sequence[Any]]:
     """(client_addr, latest client_name, messages, bytes) for the given clients."""
-    m = messages.c
     out: list[Sequence[Any]] = []
     for addr in addrs:
-        cnt, size = conn.execute(
-            select(func.count(), func.coalesce(func.sum(m.size), 0)).where(
-                m.client_addr == addr, *_window(m.received_at, since, until)
-            )
-        ).one()
-        out.append((addr, _latest_client_name(conn, addr), int(cnt), int(size)))
+        cnt, size = _messages_and_bytes(conn, messages.c.client_addr, addr, since, until)
+        out.append((addr, _latest_client_name(conn, addr), cnt, size))
     return out
+
+
+def _messages_and_bytes(
+    conn: Connection, column: Any, key: str, since: float | None, until: float | None
+) -> tuple[int, int]:
+    """(messages, bytes) received in the window whose ``column`` equals ``key``."""
+    m = messages.c
+    cnt, size = conn.execute(
+        select(func.count(), func.coalesce(func.sum(m.size), 0)).where(
+            column == key, *_window(m.received_at, since, until)
+        )
+    ).one()
+    return int(cnt), int(size)
 
 
 def _latest_client_name(conn: Connection, addr: str) -> str | None:
@@ -924,16 +932,10 @@ def report_sender_totals(
     conn: Connection, senders: Sequence[str], since: float | None, until: float | None
 ) -> list[Sequence[Any]]:
     """(sender, messages, bytes) for the given senders, from ix_messages_mail_from."""
-    m = messages.c
-    out: list[Sequence[Any]] = []
-    for sender in senders:
-        cnt, size = conn.execute(
-            select(func.count(), func.coalesce(func.sum(m.size), 0)).where(
-                m.mail_from == sender, *_window(m.received_at, since, until)
-            )
-        ).one()
-        out.append((sender, int(cnt), int(size)))
-    return out
+    return [
+        (sender, *_messages_and_bytes(conn, messages.c.mail_from, sender, since, until))
+        for sender in senders
+    ]
 
 
 def report_latencies(
