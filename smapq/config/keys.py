@@ -221,6 +221,15 @@ KEYS: tuple[Key, ...] = (
     Key("hostname", (SMAP,), "host", None, "name in the banner and Received:; default: uname"),
     Key("jail", (SMAP,), "bool", True, "chroot into directory; 'off' only where root is absent"),
     Key("maxerrors", (SMAP,), "int", 10, "bad commands before 421 and close", lo=1, hi=1000),
+    Key(
+        "minfree",
+        (SMAP,),
+        "bytes",
+        0,
+        "free spool space below which MAIL gets 452 4.3.1; at least 1.5 x maxbytes",
+        lo=0,
+        hi=1024**4,
+    ),
     Key("lease", (SMAPD,), "seconds", 60, "claim lease; renewed twice per lease", lo=5, hi=3600),
     Key(
         "minbackoff", (SMAPD,), "seconds", 300, "first retry delay (Postfix: 300s)", lo=1, hi=86400

@@ -76,6 +76,7 @@ class SmapSettings(Settings):
     hostname: str | None
     jail: bool
     maxerrors: int
+    minfree: int
 
     def __init__(self, rules: Iterable[Rule]) -> None:
         super().__init__(rules)
@@ -84,6 +85,16 @@ class SmapSettings(Settings):
                 raise ConfigError(
                     "smap must not run as root (uid/gid 0)", self.origin[name], 0, name
                 )
+
+    @property
+    def reserve(self) -> int:
+        """Free spool bytes below which intake refuses new mail (452 4.3.1).
+
+        Postfix's rule: at least 1.5 x the size limit, so a message of the largest size
+        still fits and the deliverer keeps room to record outcomes (a full SQLite file
+        refuses even the UPDATE that would free space).
+        """
+        return max(self.minfree, self.maxbytes * 3 // 2)
 
     @property
     def database_in_jail(self) -> str:
