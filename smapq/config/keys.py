@@ -219,6 +219,13 @@ KEYS: tuple[Key, ...] = (
         "queue DB file inside the jail, or a SQLAlchemy URL",
     ),
     Key("hostname", (SMAP,), "host", None, "name in the banner and Received:; default: uname"),
+    Key(
+        "logfile",
+        (SMAP,),
+        "path",
+        None,
+        "also write log lines to this file (hosts without syslog)",
+    ),
     Key("jail", (SMAP,), "bool", True, "chroot into directory; 'off' only where root is absent"),
     Key("maxerrors", (SMAP,), "int", 10, "bad commands before 421 and close", lo=1, hi=1000),
     Key(

@@ -74,6 +74,7 @@ class SmapSettings(Settings):
     maxbytes: int
     maxrecip: int
     hostname: str | None
+    logfile: str | None
     jail: bool
     maxerrors: int
     minfree: int

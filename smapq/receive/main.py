@@ -1,36 +1,36 @@
-"""``smap`` (= ``smapq receive``): the inetd-spawned SMTP receiver.
+"""``smap`` (= ``smapq receive``): the inetd transport of the intake.
 
 Purpose: inetd, xinetd or systemd (``Accept=yes``) starts one ``smap`` per SMTP
-connection with the socket on fd 0 and 1.  It speaks SMTP through the sans-I/O
-``smapq.smtp.session.Session`` and queues each message in the database in one
-transaction before it answers 250.  Usage: ``smap [-t netperm-table]``.
+connection with the socket on fd 0 and 1.  This module only moves bytes between the
+socket and the intake core (smapq.intake.core), keeps the idle timer and commits each
+message through the SQLite intake backend before the core answers 250.  Usage:
+``smap [-t netperm-table]``; ``smap -daemon [...]`` is FWTK 2.1's spelling of
+``smapq serve`` (smapq.serve).
 
 Start order (Postfix's pre-jail / post-jail seam), all before the banner:
-  pre-jail, as root: keep stderr off the wire; open syslog (mail facility,
-  LOG_NDELAY so the /dev/log socket survives the chroot; a missing /dev/log only
-  disables syslog); read the netperm-table (refused when others may write it) and
-  resolve the smap uid/gid; every module the session needs is imported at the top of
-  this file, because nothing outside the jail can be imported later; read the peer
-  from getpeername(0) or $REMOTE_ADDR/$REMOTE_PORT.
+  pre-jail, as root: keep stderr off the wire; open the log (smapq.receive.logsink:
+  syslog with LOG_NDELAY so /dev/log survives the chroot, ``smap: logfile``); read the
+  netperm-table (refused when others may write it) and resolve the smap uid/gid; every
+  module the session needs is imported at the top of this file, because nothing
+  outside the jail can be imported later; read the peer from getpeername(0) or
+  $REMOTE_ADDR/$REMOTE_PORT.
   jail (smapq.receive.jail): chroot(directory) -> chdir / -> setgroups([]) ->
   setgid -> setuid, then setuid(0) must fail.  ``smap: jail off`` skips the chroot
-  and the receiver says so (stderr when stderr is not the connection, and syslog).
-  post-jail, as the smap uid: open the database by its path inside the jail
-  (smapq.receive.queue); then the 220 banner.
+  and the receiver says so (stderr when stderr is not the connection, and the log).
+  post-jail, as the smap uid: open the database by its path inside the jail; then
+  the 220 banner.
 
 Security: the client never sees a traceback.  When stderr is the connection (inetd
 dups the socket onto fd 0, 1 and 2; so does systemd's default StandardError=inherit)
 it is pointed at /dev/null first.  Any failure before the banner answers ``421`` and
-exits; an internal error after it answers ``421`` too and is logged to syslog with
-its stack.  Address and body checks are the session's.
+exits, and its reason is logged (to FALLBACK_LOG when there is no other log); an
+internal error after it answers ``421`` too and is logged with its stack.  The
+connection is closed gracefully: after the last reply the write side is shut down and
+unread input drained briefly, so a client still sending cannot turn our close into a
+reset that destroys the last reply in flight.
 
-Diagnostics: syslog ident ``smap``, facility mail, one line per recipient like FWTK
-smap (``host=NAME/IP bytes=N from=<S> to=<R> id=QUEUEID``), ``connect``/``exiting``
-lines, and ``fwtkcfgerr:`` / ``fwtksyserr:`` / ``securityalert:`` prefixes.  The same
-facts go to the ``events`` table (kinds connect, helo, mail, rcpt, reject, accept,
-vrfy, expn, timeout, disconnect, jail) under one session id; the events of a stored
-message are committed with it.  The client name is "unknown": no DNS lookups are done
-(the jail has no resolver, and FWTK's lookup cost a round trip per connection).
+Diagnostics: the intake core's log lines (smapq.intake.audit) and ``fwtkcfgerr:`` /
+``fwtksyserr:`` / ``securityalert:`` lines for failures here.
 
 Exit codes: 0 after a session; 64 usage; 75 database unavailable; 77 jail failure;
 78 configuration error; 70 internal error.
@@ -44,35 +44,36 @@ from __future__ import annotations
 import os
 import select
 import sys
-import syslog
 import time
 
-from smapq import __version__
 from smapq.config.netperm import table_path
 from smapq.config.settings import load
 from smapq.errors import EX_CONFIG, EX_SOFTWARE, EX_TEMPFAIL, EX_USAGE, ConfigError
+from smapq.intake.audit import LOG_CRIT, LOG_ERR, LOG_WARNING
+from smapq.intake.core import Intake, Site
+from smapq.intake.port import StoreError
 from smapq.receive import jail
-from smapq.receive.queue import Queue, StoreError
+from smapq.receive.logsink import LogSink, sink_or_none
 from smapq.smtp import replies as R
-from smapq.smtp.session import Session
-from smapq.store.ids import new_session_id
+from smapq.store.intake_sqlite import SqliteIntake
 
 TYPE_CHECKING = False
 if TYPE_CHECKING:
-    from smapq.config.settings import SmapSettings
-    from smapq.receive.queue import EventRow
-    from smapq.smtp.session import Envelope
+    from smapq.intake.port import Submission
 
-USAGE = "usage: smap [-t netperm-table]\n"
+USAGE = "usage: smap [-t netperm-table] | smap -daemon [smapq serve options]\n"
 HELP = (
     USAGE + "\nThe SMTP receiver, started by inetd per connection with the socket on fd 0/1.\n"
     "-t PATH  the netperm-table (default: $SMAPQ_TABLE, else "
     "/usr/local/etc/netperm-table)\n"
+    "-daemon  run as a standalone listener instead (smapq serve; see smapq serve --help)\n"
 )
 READ_SIZE = 65536
-# Audit rows kept in memory before the ones that belong to no open transaction are
-# written on their own (the session bounds them too; this bounds the process).
-FLUSH_ROWS = 1000
+# After the last reply: how long, and how much, unread input is drained before close;
+# draining ends early once the client is quiet that long (it read our reply and waits).
+LINGER_SECONDS = 2.0
+LINGER_QUIET = 0.1
+LINGER_BYTES = 1 << 20
 
 
 def _say(text: str) -> None:
@@ -115,144 +116,35 @@ def _parse_args(argv: list[str]) -> str | None:
     return table
 
 
-class Receiver:
-    """One SMTP connection from start-up to exit."""
+class InetdReceiver:
+    """One SMTP connection on fd 0/1 from start-up to exit."""
 
-    __slots__ = (
-        "addr",
-        "hostname",
-        "message_cols",
-        "messages",
-        "port",
-        "queue",
-        "rows",
-        "session",
-        "session_id",
-        "settings",
-        "stalled",
-        "syslog_on",
-        "txn",
-        "volume",
-        "wait",
-    )
+    __slots__ = ("closed_fds", "hostname", "intake", "log", "stalled", "store", "wait")
 
     def __init__(self) -> None:
         self.hostname = os.uname().nodename
-        self.syslog_on = False
-        self.addr = ""
-        self.port = 0
-        self.session_id = ""
-        self.queue: Queue | None = None
-        self.session: Session | None = None
-        self.settings: SmapSettings | None = None
-        self.rows: list[EventRow] = []  # events not yet written, in order
-        # The open transaction's own rows (its mail, rcpt and reject rows; also in
-        # self.rows): they get the queue id when its message is stored.
-        self.txn: list[EventRow] = []
-        self.message_cols: dict[str, object] = {}
-        self.messages = 0
-        self.volume = 0
+        self.log = LogSink("smap")
+        self.intake: Intake | None = None
+        self.store: SqliteIntake | None = None
         self.wait: float | None = None  # smap: timeout, None for none (FWTK's 0)
         self.stalled = False
-
-    # --- logging ---
-    def log(self, text: str, priority: int = syslog.LOG_INFO) -> None:
-        if self.syslog_on:
-            syslog.syslog(priority, text[:1000])
-
-    @property
-    def who(self) -> str:
-        return f"unknown/{self.addr or 'unknown'}"
-
-    def _row(self, at: float, kind: str, detail: str, addr: str | None, code: int) -> EventRow:
-        return {
-            "at": at,
-            "kind": kind,
-            "session_id": self.session_id,
-            "queue_id": None,
-            "client_addr": self.addr or None,
-            "address": addr,
-            "code": code or None,
-            "detail": detail or None,
-        }
-
-    def drain(self) -> None:
-        """Turn the session's new events into rows and syslog lines."""
-        assert self.session is not None
-        events = self.session.events
-        if not events:
-            return
-        now = time.time()
-        for kind, detail, addr, code in events:
-            if kind == "accept":
-                continue  # written by store() with the message itself
-            # The session says "<>" for the null sender, stored as messages.mail_from
-            # stores it (""), so reports can match refusals to senders.
-            row = self._row(now, kind, detail, _stored_address(addr), code)
-            self.rows.append(row)
-            if kind == "mail":
-                self.txn = [row]
-            elif kind in ("rcpt", "reject") and self.txn:
-                self.txn.append(row)
-            self._syslog_event(kind, detail, addr, code)
-        events.clear()
-        if len(self.rows) > FLUSH_ROWS:
-            self.flush()
-
-    def flush(self) -> None:
-        """Write the rows before the open transaction (they will get no queue id)."""
-        assert self.queue is not None
-        cut = len(self.rows)
-        if self.txn:
-            first = self.txn[0]
-            cut = next(i for i, row in enumerate(self.rows) if row is first)
-        if not cut:
-            return
-        rows = self.rows[:cut]
-        del self.rows[:cut]
-        try:
-            self.queue.log(rows)
-        except StoreError as exc:
-            self.log(
-                f"fwtksyserr: {len(rows)} audit events not written: {exc.reason}", syslog.LOG_ERR
-            )
-
-    def _syslog_event(self, kind: str, detail: str, addr: str, code: int) -> None:
-        if not self.syslog_on or kind in ("helo", "mail", "rcpt"):
-            return
-        if kind == "connect":
-            self.log(f"connect host={self.who}")
-        elif kind == "reject":
-            alert = "securityalert: " if "'-'" in detail else ""
-            self.log(
-                f"{alert}reject host={self.who} code={code} reason={detail} address={addr}",
-                syslog.LOG_NOTICE,
-            )
-        elif kind in ("vrfy", "expn"):
-            self.log(f"{kind.upper()} {detail} ({self.who})", syslog.LOG_NOTICE)
-        elif kind == "timeout":
-            self.log(f"timeout - exiting host={self.who} {detail}".rstrip(), syslog.LOG_NOTICE)
-        elif kind == "disconnect":
-            what = "exiting" if self.messages else "exiting with no message"
-            self.log(
-                f"{what} host={self.who} messages={self.messages} bytes={self.volume} "
-                f"reason={detail}"
-            )
+        self.closed_fds = False
 
     # --- start-up ---
     def start(self, table: str | None) -> None:
         """Pre-jail init, the jail, post-jail init; raises on any refusal."""
-        if os.path.exists("/dev/log"):
-            syslog.openlog("smap", syslog.LOG_PID | syslog.LOG_NDELAY, syslog.LOG_MAIL)
-            self.syslog_on = True
-        else:
+        if not self.log.syslog_on:
             _say("smap: /dev/log is missing: syslog is off, the events table still logs")
         config = load(table_path(table))
-        smap = self.settings = config.smap
+        smap = config.smap
         if smap.hostname:
             self.hostname = smap.hostname
-        self.addr, self.port = jail.peer_address()
-        self.session_id = new_session_id()
+        if smap.logfile:
+            try:
+                self.log.open_file(smap.logfile)
+            except OSError as exc:
+                raise ConfigError(f"cannot open {smap.logfile}: {exc.strerror}") from None
+        addr, port = jail.peer_address()
         if smap.database_is_url:
             raise StoreError(
                 f"smap queues only into an SQLite file, not {smap.database.split(':')[0]}: URLs"
@@ -260,23 +152,27 @@ class Receiver:
                 R.R421_UNAVAILABLE,
             )
         jail.enter(smap.directory, smap.jail, smap.userid, smap.groupid)
-        self.queue = Queue(smap.database_in_jail)
-        self.session = Session(self.hostname, smap.maxbytes, smap.maxrecip, smap.maxerrors)
-        self.message_cols = {
-            "session_id": self.session_id,
-            "client_addr": self.addr or None,
-            "client_port": self.port or None,
-            "client_name": None,
-        }
+        self.store = store = SqliteIntake(smap.database_in_jail)
+        site = Site(
+            self.hostname,
+            smap.maxbytes,
+            smap.maxrecip,
+            smap.maxerrors,
+            smap.reserve,
+            sink_or_none(self.log),
+            store.free_space,
+        )
+        self.intake = Intake(site, addr, port)
+        self.wait = float(smap.timeout) if smap.timeout > 0 else None
         if not smap.jail:
             note = f"jail off: not chrooted into {smap.directory} (smap: jail off)"
             _say("smap: " + note)
-            self.log(note, syslog.LOG_WARNING)
-            self.rows.append(self._row(time.time(), "jail", note, None, 0))
+            self.log(LOG_WARNING, note)
+            self.intake.note("jail", note)
 
     def refuse(self, text: str, priority: int, code: int) -> int:
         """Answer 421 instead of the banner, log why, and give the exit code."""
-        self.log(text, priority)
+        self.log.failure(priority, text)
         _say("smap: " + text)
         self.write(R.R421_UNAVAILABLE % self.hostname.encode("ascii", "replace"))
         return code
@@ -300,16 +196,14 @@ class Receiver:
         return True
 
     def serve(self) -> None:
-        session, settings = self.session, self.settings
-        assert session is not None and settings is not None
-        wait = self.wait = float(settings.timeout) if settings.timeout > 0 else None
+        intake, wait = self.intake, self.wait
+        assert intake is not None
         if wait is not None:
             os.set_blocking(1, False)  # so write() can time out (see there)
-        ok = self.write(session.greeting())
-        self.drain()
-        while ok and not session.closed:
+        ok = self.write(intake.greeting())
+        while ok and not intake.closed:
             if wait is not None and not select.select([0], [], [], wait)[0]:
-                self.write(session.timeout())
+                self.write(intake.timeout())
                 break
             try:
                 data = os.read(0, READ_SIZE)
@@ -318,92 +212,82 @@ class Receiver:
             except OSError:
                 data = b""
             if not data:
-                session.eof()
+                intake.eof()
+                self.hang_up(linger=False)
                 break
-            out = session.feed(data)
-            while session.pending is not None:
-                out += self.store(session.pending)
+            out = intake.feed(data)
+            while intake.pending is not None:
+                out += intake.committed(self.commit(intake.pending))
             if out:
                 ok = self.write(out)
-            self.drain()
-        if not session.closed:
-            if self.stalled:
-                session.eof("client stopped reading replies")
-            else:
-                session.eof()
-        self.drain()
+            self.flush(intake.loose())
+        if not intake.closed:
+            intake.eof(
+                "client stopped reading replies" if self.stalled else "peer dropped connection"
+            )
         # Everything the client is owed has been said: let it go before the database
         # work that remains (audit events; the WAL checkpoint when we close last).
+        self.hang_up(linger=True)
+        self.flush(intake.loose(everything=True))
+        assert self.store is not None
+        self.store.close()
+
+    def commit(self, sub: Submission) -> StoreError | None:
+        assert self.store is not None
+        return self.store.accept([sub])[0]
+
+    def flush(self, sub: Submission | None) -> None:
+        """Write audit rows that belong to no message; a failure is only logged."""
+        if sub is None:
+            return
+        error = self.commit(sub)
+        if error is not None:
+            self.log(
+                LOG_ERR, f"fwtksyserr: {len(sub.events)} audit events not written: {error.reason}"
+            )
+
+    def hang_up(self, linger: bool) -> None:
+        """Close gracefully: shut down writing, drain what the client still sends, close.
+
+        A close with unread input makes the kernel send a reset, and a reset makes the
+        client's kernel discard our last reply (the 421 or 221) if it is still unread.
+        Without ``linger`` (the client closed first) there is nothing to wait for.
+        """
+        if self.closed_fds:
+            return
+        self.closed_fds = True
+        import _socket  # noqa: PLC0415  (C module; only needed at the very end)
+
+        try:
+            sock = _socket.socket(fileno=1) if linger else None
+        except OSError:
+            sock = None
+        if sock is not None:
+            try:
+                sock.shutdown(_socket.SHUT_WR)
+                os.set_blocking(0, False)
+                deadline = time.monotonic() + LINGER_SECONDS
+                drained = 0
+                while drained < LINGER_BYTES:
+                    left = min(deadline - time.monotonic(), LINGER_QUIET)
+                    if left <= 0 or not select.select([0], [], [], left)[0]:
+                        break
+                    data = os.read(0, READ_SIZE)
+                    if not data:
+                        break
+                    drained += len(data)
+            except OSError:
+                pass
+            finally:
+                sock.detach()
         for fd in (0, 1):
             try:  # noqa: SIM105
                 os.close(fd)
             except OSError:
                 pass
-        self.finish()
-
-    def store(self, env: Envelope) -> bytes:
-        """Commit the pending message; the session's reply (250 only after COMMIT)."""
-        session, queue = self.session, self.queue
-        assert session is not None and queue is not None
-        self.drain()
-        now = time.time()
-        accept = self._row(now, "accept", "", env.sender, 250)
-        try:
-            qid = queue.accept(
-                env,
-                self.message_cols,
-                [*self.rows, accept],
-                [*self.txn, accept],
-                lambda q: self.trace(env, q, now),
-                now,
-            )
-        except StoreError as exc:
-            self.log(
-                f"fwtksyserr: cannot queue message from {self.who}: {exc.reason}", syslog.LOG_ERR
-            )
-            return session.store_failed(exc.reply, exc.reason)
-        self.rows = []
-        self.txn = []
-        self.messages += 1
-        self.volume += env.size
-        for rcpt in env.recipients:
-            self.log(f"host={self.who} bytes={env.size} from=<{env.sender}> to=<{rcpt}> id={qid}")
-        return session.stored(qid)
-
-    def trace(self, env: Envelope, queue_id: str, now: float) -> str:
-        """The smap-style Received: header (stored in messages.trace, not in the body)."""
-        date = time.strftime("%a, %d %b %Y %H:%M:%S +0000", time.gmtime(now))
-        # RFC 5321 4.4: TCP-info is an address literal, "[IPv6:...]" for IPv6.
-        literal = ("IPv6:" if ":" in self.addr else "") + (self.addr or "unknown")
-        return (
-            f"Received: from {env.helo or 'unknown'} (unknown [{literal}])\r\n"
-            f"\tby {self.hostname} via smap (smapq {__version__}) with {env.protocol}\r\n"
-            f"\tid {queue_id}; {date}\r\n"
-        )
-
-    def finish(self) -> None:
-        """Write the events no stored message carried; close the database."""
-        rows = self.rows
-        self.rows, self.txn = [], []
-        if self.queue is None:
-            return
-        try:
-            self.queue.log(rows)
-        except StoreError as exc:
-            self.log(
-                f"fwtksyserr: {len(rows)} audit events not written: {exc.reason}", syslog.LOG_ERR
-            )
-        self.queue.close()
 
 
-def _stored_address(addr: str) -> str | None:
-    """events.address for a session event's address: "<>" -> "", "" -> NULL."""
-    if addr == "<>":
-        return ""
-    return addr or None
-
-
-def _crash_report(exc: BaseException) -> str:
+def crash_report(exc: BaseException) -> str:
     """The stack as one line, without importing traceback (the jail hides its source)."""
     frames = []
     tb = exc.__traceback__
@@ -417,6 +301,10 @@ def _crash_report(exc: BaseException) -> str:
 
 def run(argv: list[str]) -> int:
     """The whole life of one receiver process; returns its exit code."""
+    if argv[:1] == ["-daemon"]:
+        from smapq.serve.main import run_daemon  # noqa: PLC0415  (the listener's imports)
+
+        return run_daemon(argv[1:], prog="smap -daemon")
     _protect_stderr()
     try:
         table = _parse_args(argv)
@@ -426,21 +314,21 @@ def run(argv: list[str]) -> int:
             return 0
         _say(f"smap: {exc}\n{USAGE}".strip())
         return EX_USAGE
-    rx = Receiver()
+    rx = InetdReceiver()
     try:
         rx.start(table)
     except ConfigError as exc:
-        return rx.refuse(f"fwtkcfgerr: {exc}", syslog.LOG_ERR, EX_CONFIG)
+        return rx.refuse(f"fwtkcfgerr: {exc}", LOG_ERR, EX_CONFIG)
     except jail.JailError as exc:
-        return rx.refuse(f"securityalert: {exc}", syslog.LOG_CRIT, exc.exit_code)
+        return rx.refuse(f"securityalert: {exc}", LOG_CRIT, exc.exit_code)
     except StoreError as exc:
-        return rx.refuse(f"fwtksyserr: {exc.reason}", syslog.LOG_ERR, EX_TEMPFAIL)
+        return rx.refuse(f"fwtksyserr: {exc.reason}", LOG_ERR, EX_TEMPFAIL)
     except Exception as exc:
-        return rx.refuse(_crash_report(exc), syslog.LOG_CRIT, EX_SOFTWARE)
+        return rx.refuse(crash_report(exc), LOG_CRIT, EX_SOFTWARE)
     try:
         rx.serve()
     except Exception as exc:
-        rx.log(_crash_report(exc), syslog.LOG_CRIT)
+        rx.log.failure(LOG_CRIT, crash_report(exc))
         rx.write(R.R421_UNAVAILABLE % rx.hostname.encode("ascii", "replace"))
         return EX_SOFTWARE
     return 0
@@ -453,5 +341,6 @@ def main() -> None:
     connection are closed, so the interpreter's teardown would only cost time (about a
     millisecond per SMTP connection).
     """
-    code = run(sys.argv[1:])
-    os._exit(code)
+    if sys.argv[1:2] == ["-daemon"]:
+        sys.exit(run(sys.argv[1:]))  # a long-lived process: a normal interpreter exit
+    os._exit(run(sys.argv[1:]))

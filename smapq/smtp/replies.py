@@ -26,6 +26,12 @@ R421_TIMEOUT = b"421 4.4.2 %s Error: timeout exceeded\r\n"  # % hostname
 R421_TOO_MANY_ERRORS = b"421 4.7.0 %s Error: too many errors\r\n"  # % hostname
 # % hostname; instead of the banner when the receiver cannot start (config, jail, database)
 R421_UNAVAILABLE = b"421 4.3.0 %s Service not available, closing connection\r\n"
+R421_LIFETIME = b"421 4.4.2 %s Error: session time limit exceeded\r\n"  # % hostname
+R421_SHUTDOWN = b"421 4.3.2 %s Service shutting down, closing connection\r\n"  # % hostname
+# Limits at the door (smapq serve), % (hostname, client address): Postfix's texts.
+R421_CLIENT_CONNECTIONS = b"421 4.7.0 %s Error: too many connections from %s\r\n"
+R421_CLIENT_RATE = b"421 4.7.0 %s Error: too many connections per minute from %s\r\n"
+R421_BUSY = b"421 4.7.0 %s Error: too many connections, try again later\r\n"  # % hostname
 
 # --- HELO / EHLO -----------------------------------------------------------------------
 R250_HELO = b"250 (%s) pleased to meet you.\r\n"  # % helo argument

@@ -152,6 +152,7 @@ class Session:
         "error_limit",
         "events",
         "hostname",
+        "mail_check",
         "max_bytes",
         "max_recipients",
         "pending",
@@ -170,6 +171,9 @@ class Session:
         self.error_limit = error_limit
         self.events: list[Event] = []
         self.pending: Envelope | None = None
+        # The driver's check before a sender is accepted (free spool space): a refusal
+        # (reply, reason) or None.  Not the client's fault, so not an error.
+        self.mail_check: Callable[[], tuple[bytes, str] | None] | None = None
         self._buf = bytearray()
         self._pos = 0
         self._state = _CMD
@@ -202,7 +206,7 @@ class Session:
         self.events.append(("connect", "", "", 220))
         return R.R220_BANNER % self.hostname
 
-    def feed(self, data: bytes) -> bytes:
+    def feed(self, data: bytes | bytearray | memoryview) -> bytes:
         """Take received bytes, return the replies to send (possibly b"")."""
         if self._state >= _PENDING:
             if self._state == _PENDING:
@@ -233,6 +237,14 @@ class Session:
         self.events.append(("timeout", "in DATA" if self.in_data else "", "", 421))
         self._close("timeout")
         return self._r(R.R421_TIMEOUT % self.hostname)
+
+    def abort(self, reply: bytes, kind: str, detail: str, code: int, reason: str) -> bytes:
+        """The driver ends the session (a limit, shutdown): event ``kind``, ``reply``."""
+        if self._state == _CLOSED:
+            return b""
+        self.events.append((kind, detail, "", code))
+        self._close(reason)
+        return self._r(reply)
 
     def eof(self, detail: str = "peer dropped connection") -> None:
         """The client went away, or the driver gives up on it (``detail`` says why)."""
@@ -403,6 +415,11 @@ class Session:
         if status != address.OK or mailbox is None:
             self._bad_address(status, shown, True)
             return
+        if self.mail_check is not None:
+            refusal = self.mail_check()
+            if refusal is not None:
+                self._reject(refusal[0], refusal[1], shown)
+                return
         self._sender = mailbox.decode("utf-8")
         self._params = params
         self.events.append(("mail", show(rest.strip()), shown, 250))

@@ -191,14 +191,9 @@ def tiny_fs(open_dir: Path) -> Iterator[Path]:
         subprocess.run(["umount", "-l", str(mnt)], check=False)
 
 
-def test_disk_full_is_452_and_nothing_is_half_stored(
-    rig_factory: Callable[..., Rig], tiny_fs: Path
-) -> None:
-    spool = make_spool(tiny_fs, user="nobody")
-    rig = rig_factory(spool=spool)
-    c = rig.client()
-    c.cmd(b"EHLO c")
-    filler = tiny_fs / "filler"
+def _fill(fs: Path, leave: int) -> Path:
+    """Fill ``fs`` with a file, then give back ``leave`` bytes."""
+    filler = fs / "filler"
     with filler.open("wb") as fh:
         try:
             while True:
@@ -206,11 +201,28 @@ def test_disk_full_is_452_and_nothing_is_half_stored(
                 fh.flush()
         except OSError:
             pass
-    os.truncate(filler, filler.stat().st_size - 256 * 1024)  # room for the WAL index only
+    os.truncate(filler, filler.stat().st_size - leave)
+    return filler
+
+
+def test_disk_full_is_452_and_nothing_is_half_stored(
+    rig_factory: Callable[..., Rig], tiny_fs: Path
+) -> None:
+    """Below the reserve (1.5 x maxbytes) MAIL gets 452 4.3.1, as Postfix's
+    queue_minfree; a disk that fills during DATA fails the commit with 452 too; nothing
+    is half-stored, and mail is taken again once there is room."""
+    spool = make_spool(tiny_fs, "smap: maxbytes 1m\n", user="nobody")
+    rig = rig_factory(spool=spool)
+    c = rig.client()
+    c.cmd(b"EHLO c")
     body = b"".join(b"%07d " % i + b"z" * 70 + b"\r\n" for i in range(8000))  # 624 kB
+    filler = _fill(tiny_fs, 256 * 1024)  # room for the WAL index only
+    assert c.cmd(b"MAIL FROM:<a@b.c>") == R.R452_NO_SPACE
+    filler.unlink()
     c.cmd(b"MAIL FROM:<a@b.c>")
     c.cmd(b"RCPT TO:<d@e.f>")
     c.cmd(b"DATA")
+    filler = _fill(tiny_fs, 256 * 1024)  # the disk fills while the client sends
     assert c.cmd(body + b".") == R.R452_NO_SPACE
     filler.unlink()
     c.cmd(b"MAIL FROM:<a@b.c>")
@@ -220,4 +232,7 @@ def test_disk_full_is_452_and_nothing_is_half_stored(
     c.cmd(b"QUIT")
     assert c.eof()
     assert rig.rows("SELECT count(*), sum(size) FROM messages") == [(1, len(body))]
-    assert rig.rows("SELECT code FROM events WHERE kind = 'reject'") == [(452,)]
+    rejects = rig.rows("SELECT code, detail FROM events WHERE kind = 'reject' ORDER BY id")
+    assert [code for code, _ in rejects] == [452, 452]
+    assert "below minfree" in str(rejects[0][1])
+    assert "full" in str(rejects[1][1])

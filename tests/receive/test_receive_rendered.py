@@ -5,8 +5,8 @@ from __future__ import annotations
 import sqlite3
 from pathlib import Path
 
-from smapq.receive.queue import Queue
 from smapq.store import queries, rendered
+from smapq.store.intake_sqlite import SqliteIntake
 from tests.conftest import make_spool
 
 
@@ -23,7 +23,7 @@ PRAGMAS = ("journal_mode", "synchronous", "foreign_keys", "temp_store", "busy_ti
 
 def test_receiver_connection_matches_the_engine_pragmas(tmp_path: Path) -> None:
     spool = make_spool(tmp_path)
-    q = Queue(str(spool.db))
+    q = SqliteIntake(str(spool.db))
     try:
         values = {
             name: q.conn.execute(f"PRAGMA {name}").fetchone()[0]

@@ -1,0 +1,1 @@
+"""``smapq serve``: the long-lived listener transport of the intake."""
