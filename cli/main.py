@@ -21,6 +21,7 @@ from .importspool import import_spool_cmd
 from .queue import queue_group
 from .receive import receive_cmd
 from .report import report_group
+from .serve import serve_cmd
 
 
 @click.group(context_settings={"help_option_names": ["-h", "--help"]})
@@ -42,6 +43,7 @@ cli.add_command(init_cmd)
 cli.add_command(check_config_cmd)
 cli.add_command(db_group)
 cli.add_command(receive_cmd)
+cli.add_command(serve_cmd)
 cli.add_command(deliver_cmd)
 cli.add_command(report_group)
 cli.add_command(queue_group)

@@ -78,6 +78,11 @@ class SmapSettings(Settings):
     jail: bool
     maxerrors: int
     minfree: int
+    maxsessions: int
+    maxperclient: int
+    clientrate: int
+    exemptloopback: bool
+    sessiontime: int
 
     def __init__(self, rules: Iterable[Rule]) -> None:
         super().__init__(rules)

@@ -37,6 +37,7 @@ class LogSink:
         self.ident = ident
         self.fd = -1
         self.syslog_on = os.path.exists("/dev/log")
+        time.localtime()  # loads the zone file now: the jail has no /etc/localtime
         if self.syslog_on:
             syslog.openlog(ident, syslog.LOG_PID | syslog.LOG_NDELAY, syslog.LOG_MAIL)
 
@@ -83,3 +84,15 @@ class LogSink:
 def sink_or_none(sink: LogSink) -> Callable[[int, str], None] | None:
     """The sink for the intake core, or None when nothing would be written."""
     return sink if sink.active else None
+
+
+def crash_report(exc: BaseException) -> str:
+    """The stack as one line, without importing traceback (the jail hides its source)."""
+    frames = []
+    tb = exc.__traceback__
+    while tb is not None:
+        code = tb.tb_frame.f_code
+        frames.append(f"{os.path.basename(code.co_filename)}:{tb.tb_lineno}:{code.co_name}")
+        tb = tb.tb_next
+    where = " < ".join(reversed(frames))
+    return f"fwtksyserr: internal error {type(exc).__name__}: {exc} at {where}"

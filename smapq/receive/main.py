@@ -53,7 +53,7 @@ from smapq.intake.audit import LOG_CRIT, LOG_ERR, LOG_WARNING
 from smapq.intake.core import Intake, Site
 from smapq.intake.port import StoreError
 from smapq.receive import jail
-from smapq.receive.logsink import LogSink, sink_or_none
+from smapq.receive.logsink import LogSink, crash_report, sink_or_none
 from smapq.smtp import replies as R
 from smapq.store.intake_sqlite import SqliteIntake
 
@@ -285,18 +285,6 @@ class InetdReceiver:
                 os.close(fd)
             except OSError:
                 pass
-
-
-def crash_report(exc: BaseException) -> str:
-    """The stack as one line, without importing traceback (the jail hides its source)."""
-    frames = []
-    tb = exc.__traceback__
-    while tb is not None:
-        code = tb.tb_frame.f_code
-        frames.append(f"{os.path.basename(code.co_filename)}:{tb.tb_lineno}:{code.co_name}")
-        tb = tb.tb_next
-    where = " < ".join(reversed(frames))
-    return f"fwtksyserr: internal error {type(exc).__name__}: {exc} at {where}"
 
 
 def run(argv: list[str]) -> int:

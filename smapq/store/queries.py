@@ -68,6 +68,19 @@ def insert_event_stmt() -> Insert:
     return insert(events).values(dict.fromkeys(EVENT_COLUMNS))
 
 
+def insert_recipient_by_queue_id_stmt() -> Insert:
+    """A recipient of a message inserted in the same transaction, found by its queue id
+    (so a batch of messages needs no round trip for each new message's id)."""
+    message_id = (
+        select(messages.c.id).where(messages.c.queue_id == bindparam("queue_id")).scalar_subquery()
+    )
+    return insert(recipients).values(
+        message_id=message_id,
+        position=bindparam("position"),
+        address=bindparam("address"),
+    )
+
+
 def insert_message(
     conn: Connection,
     message: Mapping[str, Any],
@@ -139,7 +152,7 @@ def count_by_state(conn: Connection) -> dict[str, int]:
 
 RECEIVER_STATEMENTS = {
     "INSERT_MESSAGE": insert_message_stmt,
-    "INSERT_RECIPIENT": insert_recipient_stmt,
+    "INSERT_RECIPIENT_BY_QUEUE_ID": insert_recipient_by_queue_id_stmt,
     "INSERT_EVENT": insert_event_stmt,
 }
 

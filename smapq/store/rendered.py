@@ -21,9 +21,9 @@ INSERT_MESSAGE = (
     ":trace, :body, :body_sha256, :next_attempt_at, :updated_at)"
 )
 
-INSERT_RECIPIENT = (
-    "INSERT INTO recipients (message_id, position, address) "
-    "VALUES (:message_id, :position, :address)"
+INSERT_RECIPIENT_BY_QUEUE_ID = (
+    "INSERT INTO recipients (message_id, position, address) VALUES ((SELECT messages.id "
+    "\nFROM messages \nWHERE messages.queue_id = :queue_id), :position, :address)"
 )
 
 INSERT_EVENT = (

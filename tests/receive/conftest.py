@@ -11,7 +11,7 @@ from pathlib import Path
 import pytest
 
 from tests.conftest import Spool, make_spool, program
-from tests.receive.superserver import KINDS, Client, SuperServer, installed, wait_until
+from tests.receive.superserver import KINDS, SERVE, Client, SuperServer, installed, wait_until
 
 ROOT = os.geteuid() == 0
 
@@ -23,19 +23,37 @@ class Rig:
         self.spool = spool
         self.server = server
         self.clients: list[Client] = []
+        self.opened = 0  # sessions this test opened (rig.client() counts its own)
 
     def client(self, banner: bool = True, rcvbuf: int = 0) -> Client:
         c = Client(self.server.connect(rcvbuf=rcvbuf))
         self.clients.append(c)
+        self.opened += 1
         if banner:
             greeting = c.reply()
             assert greeting.startswith(b"220 "), greeting
         return c
 
     def idle(self, timeout: float = 120) -> None:
-        """Wait until no receiver runs: the client sees EOF before the session's last
-        audit events are committed, by design (the client is let go first)."""
-        wait_until(lambda: not self.server.children(running=True), timeout, "a receiver runs")
+        """Wait until every session ended and wrote its last events: the client sees
+        EOF before the session's last audit events are committed, by design (the
+        client is let go first).  Under a super-server that is when no receiver
+        runs; smapq serve keeps running, so then it is when the server holds no
+        connection and every session the test opened has its connect and its
+        disconnect event (its first and its last)."""
+        if self.server.kind != SERVE:
+            wait_until(lambda: not self.server.children(running=True), timeout, "a receiver runs")
+            return
+        wait_until(lambda: not self.server.established(), timeout, "a session is open")
+        count = "SELECT count(*) FROM events WHERE kind = ?"
+
+        def ended() -> bool:
+            rows = self.rows(count, "connect", wait=False) + self.rows(
+                count, "disconnect", wait=False
+            )
+            return rows[0] == rows[1] and rows[0][0] >= self.opened
+
+        wait_until(ended, timeout, "a session's last events are not written")
 
     def rows(self, sql: str, *args: object, wait: bool = True) -> list[tuple[object, ...]]:
         """Query the queue database, after every receiver has exited (unless ``wait``)."""
@@ -63,7 +81,11 @@ def rig_factory(open_dir: Path) -> Iterator[Callable[..., Rig]]:
         root = open_dir / f"rig{count}"
         root.mkdir(mode=0o755)
         spool = spool or spool_for_receiver(root, extra)
-        server = SuperServer(kind, [program("smap"), "-t", str(spool.table)], root)
+        if kind == SERVE:
+            argv = [program("smapq"), "-t", str(spool.table), "serve", "--grace", "2"]
+        else:
+            argv = [program("smap"), "-t", str(spool.table)]
+        server = SuperServer(kind, argv, root)
         rigs.append(Rig(spool, server))
         return rigs[-1]
 
@@ -77,12 +99,21 @@ def rig_factory(open_dir: Path) -> Iterator[Callable[..., Rig]]:
             rig.server.stop()  # also kills a receiver a failed test left running
 
 
-@pytest.fixture(params=KINDS)
+@pytest.fixture(params=[*KINDS, SERVE])
 def any_rig(request: pytest.FixtureRequest, rig_factory: Callable[..., Rig]) -> Rig:
-    """The same rig under every super-server."""
+    """The same rig under every super-server, and as smapq serve."""
     return rig_factory(kind=request.param)
 
 
+TRANSPORTS = ("inetd", SERVE)
+
+
+@pytest.fixture(params=TRANSPORTS)
+def transport(request: pytest.FixtureRequest) -> str:
+    """Each transport of the intake: smap under inetd, and smapq serve."""
+    return str(request.param)
+
+
 @pytest.fixture
-def rig(rig_factory: Callable[..., Rig]) -> Rig:
-    return rig_factory()
+def rig(rig_factory: Callable[..., Rig], transport: str) -> Rig:
+    return rig_factory(kind=transport)

@@ -32,6 +32,7 @@ from pathlib import Path
 INETD = "/usr/sbin/inetd"
 SOCKET_ACTIVATE = shutil.which("systemd-socket-activate") or "/usr/bin/systemd-socket-activate"
 KINDS = ("inetd", "systemd-socket-activate")
+SERVE = "serve"  # smapq serve: not a super-server, but driven the same way
 
 START_TIMEOUT = 60.0  # seconds for a super-server to listen (a loaded CI box is slow)
 EXIT_TIMEOUT = 60.0  # seconds for processes to go away after a signal
@@ -41,6 +42,8 @@ _rng = random.SystemRandom()  # pytest-randomly reseeds `random` per test; ports
 
 
 def installed(kind: str) -> bool:
+    if kind == SERVE:
+        return True
     return os.access(INETD if kind == "inetd" else SOCKET_ACTIVATE, os.X_OK)
 
 
@@ -153,6 +156,8 @@ class SuperServer:
 
     def _command(self) -> list[str]:
         argv = self.argv
+        if self.kind == SERVE:  # argv: smapq -t TABLE serve [options]
+            return [*argv, "--listen", f"127.0.0.1:{self.port}"]
         if self.kind == "inetd":
             user = pwd.getpwuid(os.geteuid()).pw_name
             conf = self.workdir / "inetd.conf"
@@ -202,8 +207,26 @@ class SuperServer:
             raise
         return sock
 
+    def established(self) -> int:
+        """Connections to our port that the server side still holds open."""
+        want = f":{self.port:04X}"
+        count = 0
+        for table in ("/proc/net/tcp", "/proc/net/tcp6"):
+            try:
+                lines = Path(table).read_text().splitlines()[1:]
+            except OSError:
+                continue
+            for line in lines:
+                fields = line.split()
+                # The server's end (local port ours), not the listener (0A), and still
+                # held by a process (inode 0: orphaned after close, e.g. FIN_WAIT2).
+                if fields[1].endswith(want) and fields[3] != "0A" and fields[9] != "0":
+                    count += 1
+        return count
+
     def children(self, running: bool = False) -> list[int]:
-        """Pids of the super-server's children (``running``: zombies left out)."""
+        """Pids of the super-server's children (``running``: zombies left out); for
+        smapq serve, its workers."""
         if self.proc is None:
             return []
         pids = []
@@ -224,6 +247,16 @@ class SuperServer:
         _live.discard(self)
         proc = self.proc
         if proc is None:
+            return
+        if self.kind == SERVE:  # it stops its workers itself
+            if proc.poll() is None:
+                proc.send_signal(signal.SIGTERM)
+                try:
+                    proc.wait(EXIT_TIMEOUT)
+                except subprocess.TimeoutExpired:
+                    with contextlib.suppress(ProcessLookupError):
+                        os.killpg(proc.pid, signal.SIGKILL)
+            proc.wait()
             return
         if proc.poll() is None:
             for _ in range(3):  # a connection accepted meanwhile may spawn one more

@@ -38,7 +38,7 @@ def open_session(rig: Rig) -> tuple[int, Client]:
     return pid, c
 
 
-@pytest.mark.parametrize("kind", ["inetd", "systemd-socket-activate"])
+@pytest.mark.parametrize("kind", ["inetd", "systemd-socket-activate", "serve"])
 def test_receiver_is_chrooted_and_runs_as_nobody(
     rig_factory: Callable[..., Rig], kind: str
 ) -> None:
@@ -53,8 +53,10 @@ def test_receiver_is_chrooted_and_runs_as_nobody(
     assert st["CapEff"] == ["0000000000000000"]
 
 
-def test_jail_off_still_drops_privileges_and_says_so(rig_factory: Callable[..., Rig]) -> None:
-    rig = rig_factory("smap: jail off\n")
+def test_jail_off_still_drops_privileges_and_says_so(
+    rig_factory: Callable[..., Rig], transport: str
+) -> None:
+    rig = rig_factory("smap: jail off\n", kind=transport)
     pid, c = open_session(rig)
     st = status(pid)
     assert st["Uid"] == [str(NOBODY.pw_uid)] * 4
@@ -134,7 +136,8 @@ def syslog_socket() -> Iterator[list[bytes]]:
         os.unlink("/dev/log")
 
 
-def test_syslog_lines_like_smap(rig: Rig, syslog_socket: list[bytes]) -> None:
+def test_syslog_lines_like_smap(syslog_socket: list[bytes], rig: Rig) -> None:
+    # /dev/log first: smapq serve connects to it when its worker starts.
     c = rig.client()
     (pid,) = rig.server.children(running=True)
     # Only this receiver's lines: another test run's receivers may log here too.
@@ -206,13 +209,13 @@ def _fill(fs: Path, leave: int) -> Path:
 
 
 def test_disk_full_is_452_and_nothing_is_half_stored(
-    rig_factory: Callable[..., Rig], tiny_fs: Path
+    rig_factory: Callable[..., Rig], tiny_fs: Path, transport: str
 ) -> None:
     """Below the reserve (1.5 x maxbytes) MAIL gets 452 4.3.1, as Postfix's
     queue_minfree; a disk that fills during DATA fails the commit with 452 too; nothing
     is half-stored, and mail is taken again once there is room."""
     spool = make_spool(tiny_fs, "smap: maxbytes 1m\n", user="nobody")
-    rig = rig_factory(spool=spool)
+    rig = rig_factory(spool=spool, kind=transport)
     c = rig.client()
     c.cmd(b"EHLO c")
     body = b"".join(b"%07d " % i + b"z" * 70 + b"\r\n" for i in range(8000))  # 624 kB

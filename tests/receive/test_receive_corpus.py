@@ -1,8 +1,10 @@
-"""Acceptance: the installed ``smap`` under a real super-server, a real database file.
+"""Acceptance: the receiver corpus, against both transports of the intake -- the
+installed ``smap`` under a real super-server and ``smapq serve`` -- on a real database
+file.
 
 Driven by Python's smtplib and by raw sockets on a loopback port.  As root (CI) the
 receiver really chroots into the spool and runs as nobody; otherwise the table turns
-the jail off.
+the jail off.  ``rig`` and ``transport`` are parametrised over both transports.
 """
 
 from __future__ import annotations
@@ -72,6 +74,7 @@ def test_smtplib_ehlo_and_a_lone_dot_line(rig: Rig) -> None:
     msg["To"] = "bob@example.org, carol@example.org"
     msg["Subject"] = "smapq"
     msg.set_content("first\n.\n..two dots\nlast\n")
+    rig.opened += 1
     with smtplib.SMTP("127.0.0.1", rig.server.port, timeout=120) as client:
         code, _ = client.ehlo("client.example")
         assert code == 250
@@ -132,8 +135,10 @@ def test_pipelined_ehlo_session_with_two_messages(any_rig: Rig) -> None:
     ]
 
 
-def test_maxbytes_is_answered_after_the_final_dot(rig_factory: Callable[..., Rig]) -> None:
-    rig = rig_factory("smap: maxbytes 2048\n")
+def test_maxbytes_is_answered_after_the_final_dot(
+    rig_factory: Callable[..., Rig], transport: str
+) -> None:
+    rig = rig_factory("smap: maxbytes 2048\n", kind=transport)
     c = rig.client()
     assert b"SIZE 2048" in c.cmd(b"EHLO c")
     assert c.cmd(b"MAIL FROM:<a@b.c> SIZE=4096") == R.R552_TOO_BIG
@@ -152,8 +157,8 @@ def test_maxbytes_is_answered_after_the_final_dot(rig_factory: Callable[..., Rig
     assert rig.rows("SELECT count(*) FROM events WHERE address LIKE 'smuggled%'") == [(0,)]
 
 
-def test_maxrecip(rig_factory: Callable[..., Rig]) -> None:
-    rig = rig_factory("smap: maxrecip 2\n")
+def test_maxrecip(rig_factory: Callable[..., Rig], transport: str) -> None:
+    rig = rig_factory("smap: maxrecip 2\n", kind=transport)
     c = rig.client()
     c.cmd(b"EHLO c")
     c.cmd(b"MAIL FROM:<a@b.c>")
@@ -183,8 +188,10 @@ def test_line_limits(rig: Rig) -> None:
     assert rig.rows("SELECT count(*) FROM messages") == [(0,)]
 
 
-def test_sequence_and_syntax_errors_then_too_many(rig_factory: Callable[..., Rig]) -> None:
-    rig = rig_factory("smap: maxerrors 4\n")
+def test_sequence_and_syntax_errors_then_too_many(
+    rig_factory: Callable[..., Rig], transport: str
+) -> None:
+    rig = rig_factory("smap: maxerrors 4\n", kind=transport)
     c = rig.client()
     assert c.cmd(b"RCPT TO:<a@b.c>") == R.plain(R.R503_NEED_MAIL)
     assert c.cmd(b"MAIL FROM:<-oQ/tmp@b.c>") == R.plain(R.R553_SENDER_DASH)
@@ -199,8 +206,8 @@ def test_sequence_and_syntax_errors_then_too_many(rig_factory: Callable[..., Rig
     ]
 
 
-def test_idle_timeout_421(rig_factory: Callable[..., Rig]) -> None:
-    rig = rig_factory("smap: timeout 1\n")
+def test_idle_timeout_421(rig_factory: Callable[..., Rig], transport: str) -> None:
+    rig = rig_factory("smap: timeout 1\n", kind=transport)
     # All of it is sent before the banner is read: however late this process runs, the
     # receiver has it all before its timer starts, so it times out in DATA.
     c = rig.client(banner=False)
@@ -297,8 +304,10 @@ def test_database_busy_is_451_and_the_session_goes_on(rig: Rig) -> None:
     assert rig.rows("SELECT code FROM events WHERE kind = 'reject'") == [(451,)]
 
 
-def test_client_that_never_reads_is_dropped(rig_factory: Callable[..., Rig]) -> None:
-    rig = rig_factory("smap: timeout 1\nsmap: maxrecip 100000\n")
+def test_client_that_never_reads_is_dropped(
+    rig_factory: Callable[..., Rig], transport: str
+) -> None:
+    rig = rig_factory("smap: timeout 1\nsmap: maxrecip 100000\n", kind=transport)
     # A small receive buffer and nothing read, not even the banner: the receiver's
     # replies fill the buffers long before it has read what the first sendall queued,
     # so it blocks writing (never waits a second for input), however this process runs.
@@ -322,9 +331,9 @@ def test_client_that_never_reads_is_dropped(rig_factory: Callable[..., Rig]) -> 
 
 
 def test_accepted_message_survives_later_errors_in_the_session(
-    rig_factory: Callable[..., Rig],
+    rig_factory: Callable[..., Rig], transport: str
 ) -> None:
-    rig = rig_factory("smap: maxerrors 2\n")
+    rig = rig_factory("smap: maxerrors 2\n", kind=transport)
     c = rig.client()
     c.cmd(b"HELO c")
     c.cmd(b"MAIL FROM:<a@b.c>")
@@ -416,9 +425,9 @@ def test_a_helo_flood_ends_in_421_with_bounded_events(rig: Rig) -> None:
 
 
 def test_events_past_the_flush_size_are_all_written_in_order(
-    rig_factory: Callable[..., Rig],
+    rig_factory: Callable[..., Rig], transport: str
 ) -> None:
-    rig = rig_factory("smap: maxrecip 2000\n")
+    rig = rig_factory("smap: maxrecip 2000\n", kind=transport)
     c = rig.client()
     txn = b"MAIL FROM:<a@b.c>\r\n" + b"".join(b"RCPT TO:<r%d@e.f>\r\n" % i for i in range(700))
     c.send(b"EHLO c\r\n" + (txn + b"RSET\r\n") * 2 + txn + b"DATA\r\n")

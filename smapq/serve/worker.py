@@ -1,0 +1,269 @@
+"""A serving process of ``smapq serve``: pre-jail init, the jail, the event loop.
+
+Purpose: the supervisor (smapq.serve.supervisor) forks one worker per ``--workers``;
+each runs the same start order as the inetd receiver -- read the netperm-table as
+root, open the log, import everything, chroot into the spool, setgroups([]), drop to
+smap's uid/gid and verify (smapq.receive.jail, the same code) -- then opens the queue
+inside the jail and serves the listening sockets it inherited with an event loop:
+many sessions, one writer thread (smapq.serve.committer).
+
+Limits: at the door, ``maxsessions`` / ``maxperclient`` / ``clientrate`` (counted for
+the whole server in smapq.serve.anvil; loopback clients skip the per-client ones
+unless ``exemptloopback off``) answer 421 4.7.0 and close; in the session, the idle
+``timeout`` and the ``sessiontime`` limit answer 421 4.4.2.  A sweep once a second
+enforces the timers, so no timer is armed per read.
+
+Stopping (SIGTERM): stop accepting at once, let sessions finish for ``grace``
+seconds, then answer 421 4.3.2 to the rest; messages already handed to the committer
+are committed and answered first (the core defers the end until then).  The worker
+exits 0 once every connection is gone and the committer has written everything.
+
+Security: runs as root only until the jail; SIGHUP is the supervisor's business
+(it starts new workers with the re-read table and stops this one as above).
+
+Diagnostics: the intake's log lines; worker start and stop lines; exit 75 when the
+queue cannot be opened, 77 when the jail fails, 78 on a bad table.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import signal
+import socket
+import sys
+import time
+from typing import TYPE_CHECKING
+
+from smapq.config.settings import load
+from smapq.errors import EX_CONFIG, EX_SOFTWARE, EX_TEMPFAIL, ConfigError
+from smapq.intake.audit import LOG_CRIT, LOG_ERR, LOG_INFO, LOG_WARNING
+from smapq.intake.core import Site
+from smapq.intake.port import StoreError
+from smapq.receive import jail
+from smapq.receive.logsink import LogSink, crash_report, sink_or_none
+from smapq.serve import anvil as A
+from smapq.serve.committer import GroupCommitter, LoopCommitter
+from smapq.serve.connection import LINGER, Connection
+from smapq.smtp import replies as R
+from smapq.store.intake_sqlite import Checkpointer, SqliteIntake
+
+if TYPE_CHECKING:
+    from smapq.config.settings import SmapSettings
+
+SWEEP = 1.0  # seconds between timer checks
+BACKLOG = 1024
+_LOOPBACK = ("127.", "::1")
+
+
+def new_loop(kind: str) -> asyncio.AbstractEventLoop:
+    """An event loop: uvloop when installed (``auto``) or asked for, else asyncio's."""
+    if kind in ("auto", "uvloop"):
+        try:
+            import uvloop  # noqa: PLC0415
+        except ImportError:
+            if kind == "uvloop":
+                raise
+        else:
+            return uvloop.new_event_loop()
+    return asyncio.new_event_loop()
+
+
+class Worker:
+    """One serving process's state: settings, sessions, committer, limits."""
+
+    def __init__(
+        self,
+        smap: SmapSettings,
+        site: Site,
+        log: LogSink,
+        anvil: A.Anvil,
+        slot: int,
+        grace: float,
+    ) -> None:
+        self.smap = smap
+        self.site = site
+        self.log = log
+        self.anvil = anvil
+        self.slot = slot
+        self.grace = grace
+        self.hostname = site.hostname.encode("ascii", "replace")
+        self.sessions: set[Connection] = set()
+        self.committer: GroupCommitter  # set by serve()
+        self.servers: list[asyncio.AbstractServer] = []
+        self.stopping_at = 0.0
+        self.jail_note = (
+            "" if smap.jail else f"jail off: not chrooted into {smap.directory} (smap: jail off)"
+        )
+        self.done: asyncio.Future[None] | None = None
+
+    # --- admission ---
+    def admit(self, conn: Connection, addr: str, now: float) -> tuple[bytes, str] | None:
+        """Count ``conn`` in, or the 421 and reason that turn it away."""
+        smap = self.smap
+        if self.stopping_at:
+            return R.R421_SHUTDOWN % self.hostname, "server shutting down"
+        exempt = smap.exemptloopback and addr.startswith(_LOOPBACK)
+        per_client = 0 if exempt else smap.maxperclient
+        rate = 0 if exempt else smap.clientrate
+        conn.key = A.client_key(addr)
+        verdict = self.anvil.admit(self.slot, conn.key, now, smap.maxsessions, per_client, rate)
+        if verdict == A.OK:
+            conn.counted = True
+            return None
+        who = addr.encode("ascii", "replace")
+        if verdict == A.BUSY:
+            return R.R421_BUSY % self.hostname, f"too many sessions ({smap.maxsessions})"
+        if verdict == A.TOO_MANY:
+            reason = f"too many connections from {addr} ({smap.maxperclient})"
+            return R.R421_CLIENT_CONNECTIONS % (self.hostname, who), reason
+        reason = f"too many connections per minute from {addr} ({smap.clientrate})"
+        return R.R421_CLIENT_RATE % (self.hostname, who), reason
+
+    def ended(self, conn: Connection) -> None:
+        self.sessions.discard(conn)
+        if conn.counted:
+            conn.counted = False
+            self.anvil.release(self.slot, conn.key, time.monotonic())
+        if self.stopping_at:
+            self._maybe_done()
+
+    # --- timers ---
+    async def sweep(self) -> None:
+        idle = float(self.smap.timeout) if self.smap.timeout > 0 else 0.0
+        lifetime = float(self.smap.sessiontime)
+        while True:
+            await asyncio.sleep(SWEEP)
+            now = time.monotonic()
+            shutting = bool(self.stopping_at) and now >= self.stopping_at + self.grace
+            for conn in list(self.sessions):
+                intake = conn.intake
+                if conn.closing_since:
+                    if now - conn.closing_since > 2 * LINGER:  # close() did not finish
+                        conn.abort()
+                elif intake is None or intake.pending is not None:
+                    continue
+                elif shutting:
+                    conn.end(intake.shutdown())
+                elif now - conn.started > lifetime:
+                    conn.end(intake.expire())
+                elif idle and now - conn.last > idle:
+                    if conn.write_paused:  # our replies pile up unread: no 421 can go out
+                        conn.drop("client stopped reading replies")
+                    else:
+                        conn.end(intake.timeout())
+            if self.stopping_at:
+                self._maybe_done()
+
+    # --- stopping ---
+    def stop(self) -> None:
+        """SIGTERM: stop accepting, let sessions finish within ``grace``."""
+        if self.stopping_at:
+            return
+        self.stopping_at = time.monotonic()
+        for server in self.servers:
+            server.close()
+        self.log(LOG_INFO, f"stopping: {len(self.sessions)} sessions have {self.grace:.0f}s")
+        self._maybe_done()
+
+    def _maybe_done(self) -> None:
+        if self.sessions or self.committer.outstanding:
+            return
+        if self.done is not None and not self.done.done():
+            self.done.set_result(None)
+
+
+def _loop_error(worker: Worker, context: dict[str, object]) -> None:
+    """What the event loop could not hand to anyone: logged, never printed."""
+    exc = context.get("exception")
+    text = crash_report(exc) if isinstance(exc, BaseException) else str(context.get("message"))
+    worker.log(LOG_CRIT, text)
+
+
+def _site(smap: SmapSettings, log: LogSink, store: SqliteIntake) -> Site:
+    return Site(
+        smap.hostname or os.uname().nodename,
+        smap.maxbytes,
+        smap.maxrecip,
+        smap.maxerrors,
+        smap.reserve,
+        sink_or_none(log),
+        store.free_space,
+    )
+
+
+def run_worker(
+    table: str,
+    sockets: list[socket.socket],
+    anvil: A.Anvil,
+    slot: int,
+    grace: float,
+    loop_kind: str,
+) -> int:
+    """The life of one worker process after the fork; returns its exit code."""
+    for sig in (signal.SIGHUP, signal.SIGINT):
+        signal.signal(sig, signal.SIG_IGN)  # the supervisor's signals
+    signal.signal(signal.SIGTERM, signal.SIG_DFL)
+    signal.pthread_sigmask(signal.SIG_SETMASK, set())
+    sys.setswitchinterval(float(os.environ.get("SMAPQ_SWITCH", "0.005")))
+    log = LogSink("smap")
+    try:
+        smap = load(table).smap
+        if smap.logfile:
+            try:
+                log.open_file(smap.logfile)
+            except OSError as exc:
+                raise ConfigError(f"cannot open {smap.logfile}: {exc.strerror}") from None
+        if smap.database_is_url:
+            raise StoreError(
+                "smapq serve queues only into an SQLite file for now", R.R421_UNAVAILABLE
+            )
+        loop = new_loop(loop_kind)
+        jail.enter(smap.directory, smap.jail, smap.userid, smap.groupid)
+        path = smap.database_in_jail
+        store = SqliteIntake(path, lock_wait=None, autocheckpoint=False)
+        checkpointer = Checkpointer(path)
+    except ConfigError as exc:
+        log.failure(LOG_ERR, f"fwtkcfgerr: {exc}")
+        return EX_CONFIG
+    except jail.JailError as exc:
+        log.failure(LOG_CRIT, f"securityalert: {exc}")
+        return exc.exit_code
+    except StoreError as exc:
+        log.failure(LOG_ERR, f"fwtksyserr: {exc.reason}")
+        return EX_TEMPFAIL
+    worker = Worker(smap, _site(smap, log, store), log, anvil, slot, grace)
+    if worker.jail_note:
+        log(LOG_WARNING, worker.jail_note)
+    try:
+        loop.run_until_complete(_serve(worker, loop, store, checkpointer, sockets))
+    except Exception as exc:
+        log.failure(LOG_CRIT, crash_report(exc))
+        return EX_SOFTWARE
+    finally:
+        store.close()
+    return 0
+
+
+async def _serve(
+    worker: Worker,
+    loop: asyncio.AbstractEventLoop,
+    store: SqliteIntake,
+    checkpointer: Checkpointer,
+    sockets: list[socket.socket],
+) -> None:
+    kind = LoopCommitter if os.environ.get("SMAPQ_LOOPCOMMIT") else GroupCommitter
+    worker.committer = committer = kind(
+        store, loop, lambda text: worker.log(LOG_ERR, text), checkpointer
+    )
+    committer.start()
+    worker.done = loop.create_future()
+    loop.set_exception_handler(lambda _loop, ctx: _loop_error(worker, ctx))
+    for sock in sockets:
+        server = await loop.create_server(lambda: Connection(worker), sock=sock, backlog=BACKLOG)
+        worker.servers.append(server)
+    loop.add_signal_handler(signal.SIGTERM, worker.stop)
+    sweeper = loop.create_task(worker.sweep())
+    await worker.done
+    sweeper.cancel()
+    committer.stop()
