@@ -21,11 +21,11 @@ from smapq.report import output, timespec
 from smapq.report import queue as q
 from smapq.report.db import readonly_session, translated
 
-from .common import State, pass_state
+from .common import Group, State, pass_state
 from .report import format_option, width_option
 
 
-@click.group("queue")
+@click.group("queue", cls=Group)
 def queue_group() -> None:
     """Look at and operate on queued messages (postqueue/postsuper for smapq)."""
 

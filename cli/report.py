@@ -19,7 +19,7 @@ from smapq.report import output, reports, sql
 from smapq.report.db import readonly_session
 from smapq.report.timespec import window
 
-from .common import State, pass_state
+from .common import Group, State, pass_state
 
 F = Callable[..., Any]
 
@@ -90,7 +90,7 @@ def run_report(
         _emit(build(conn, w, **extra), opts["fmt"], opts["width"])
 
 
-@click.group("report")
+@click.group("report", cls=Group)
 def report_group() -> None:
     """Audits of the queue and the envelope log (read-only).
 
