@@ -225,6 +225,7 @@ def _verb(name: str, doc: str, all_bad: bool = False) -> None:
                 time.time(),
                 all_bad=bool(kw.get("all_bad")),
                 dry_run=dry_run,
+                baddir=state.config.smapd.baddir,
             )
         _report(name, outcomes, dry_run)
 
@@ -235,15 +236,17 @@ def _verb(name: str, doc: str, all_bad: bool = False) -> None:
 
 _verb(
     "requeue",
-    "Put messages (received, bad or held) back to received, due now (postsuper -r).",
+    "Put messages (deferred, bad or held) back to received, due now (postsuper -r); "
+    "a bad message's baddir copies are removed.",
     all_bad=True,
 )
 _verb("hold", "Hold messages: never claimed, never expire, until released (postsuper -h).")
 _verb("release", "Release held messages: back to received, due now (postsuper -H).")
 _verb(
     "delete",
-    "Delete messages and their recipients (postsuper -d). A message in delivery under a "
-    "live lease is left alone and reported; run delete again after the attempt.",
+    "Delete messages, their recipients and their baddir copies (postsuper -d). A message "
+    "in delivery under a live lease is left alone and reported; run delete again after "
+    "the attempt.",
 )
 
 
@@ -286,6 +289,7 @@ def purge_cmd(
             dry_run=dry_run,
             batch=batch,
             progress=progress,
+            baddir=state.config.smapd.baddir,
         )
     if tty:
         click.echo("", err=True)
@@ -293,4 +297,7 @@ def purge_cmd(
     click.echo(
         f"{what} {result.messages} message(s) final before {timespec.iso(cutoff)}: "
         f"{result.bodies} bodies dropped, {result.rows} rows deleted"
+        + (f", {result.baddir_removed} baddir copies removed" if result.baddir_removed else "")
     )
+    for left in result.baddir_left:
+        click.echo(f"smapq: warning: {left}", err=True)

@@ -13,6 +13,14 @@ our read and our write wins and the row is reported as skipped, never clobbered.
 
 Bad input (an unknown queue id) is found before anything is written: the whole
 command fails with one line and nothing changes.
+
+The baddir copies (``<queue_id>.eml`` and ``.envelope``, written by the deliverer when a
+message goes bad) are FWTK's bad directory: a message that leaves state bad (requeue,
+hold) or the database (delete, purge) takes them with it, after its transaction
+committed. A copy that cannot be removed is reported, never fatal.
+
+A message in state received that was tried before is shown as ``deferred``, as in
+``smapq report deferred`` and Postfix's deferred queue.
 """
 
 from __future__ import annotations
@@ -39,6 +47,39 @@ def actor() -> str:
         return getpass.getuser()
     except (KeyError, OSError):
         return f"uid {os.getuid()}"
+
+
+# smapq.deliver.baddir.export writes these two files per bad message.
+BADDIR_SUFFIXES = (".eml", ".envelope")
+
+
+def baddir_copies(directory: str | None, queue_id: str) -> list[str]:
+    """The baddir files of one message that exist now."""
+    if not directory or "/" in queue_id or queue_id.startswith("."):
+        return []
+    paths = [os.path.join(directory, queue_id + sfx) for sfx in BADDIR_SUFFIXES]
+    return [p for p in paths if os.path.lexists(p)]
+
+
+def remove_baddir_copies(directory: str | None, queue_id: str) -> str:
+    """Remove them; returns what to tell the operator ('' when there were none)."""
+    removed, failed = 0, []
+    for path in baddir_copies(directory, queue_id):
+        try:
+            os.unlink(path)
+            removed += 1
+        except FileNotFoundError:
+            continue
+        except OSError as exc:
+            failed.append(f"{path}: {exc.strerror}")
+    if failed:
+        return "baddir copy left: " + "; ".join(failed)
+    return f"{removed} baddir file(s) removed" if removed else ""
+
+
+def shown_state(state: str, attempts: int) -> str:
+    """``deferred`` for received mail that was tried before, else the state."""
+    return "deferred" if state == states.RECEIVED and attempts > 0 else state
 
 
 def like(glob: str) -> str:
@@ -225,9 +266,18 @@ class Outcome:
         if self.after is None:
             return f"{self.queue_id}: unchanged ({self.before}): {self.reason}"
         verb = "would go" if dry_run else ""
-        arrow = f"{self.before} -> {self.after}"
+        # A received message never tried yet stays received; it is only made due now.
+        arrow = (
+            f"{self.before} -> {self.after}"
+            if self.before != self.after
+            else f"{self.after}, due now"
+        )
         why = f" ({self.reason})" if self.reason else ""
         return f"{self.queue_id}: {verb + ' ' if verb else ''}{arrow}{why}"
+
+    def add_reason(self, text: str) -> None:
+        if text:
+            self.reason = f"{self.reason}; {text}" if self.reason else text
 
 
 # verb -> (event kind, states it applies to, target state, due now)
@@ -269,8 +319,13 @@ def change(
     *,
     all_bad: bool = False,
     dry_run: bool = False,
+    baddir: str | None = None,
 ) -> list[Outcome]:
-    """Apply ``verb`` to the messages; all ids must exist or nothing changes."""
+    """Apply ``verb`` to the messages; all ids must exist or nothing changes.
+
+    ``baddir``: ``smapd: baddir``, whose copies of a message leaving state bad (or
+    deleted) are removed once the change committed.
+    """
     kind, from_states, target, due_now = VERBS[verb]
     if not queue_ids and not all_bad:
         raise UsageError(f"{verb}: name at least one queue id")
@@ -287,9 +342,10 @@ def change(
             raise UsageError(f"no message with queue id {unknown[0]}{more}; nothing changed")
         for qid in ids:
             row = found[qid]
+            before = shown_state(row.state, int(row.attempts or 0))
             allowed = not _live_lease(row, now) if verb == "delete" else row.state in from_states
             if not allowed:
-                outcomes.append(Outcome(qid, row.state, None, _why_not(verb, row, now)))
+                outcomes.append(Outcome(qid, before, None, _why_not(verb, row, now)))
                 continue
             if not dry_run:
                 if verb == "delete":
@@ -299,15 +355,22 @@ def change(
                         conn, row.id, [row.state], target, now, due_now
                     )
                 if not done:
-                    outcomes.append(Outcome(qid, row.state, None, "changed meanwhile; retry"))
+                    outcomes.append(Outcome(qid, before, None, "changed meanwhile; retry"))
                     continue
                 queries.add_event(
-                    conn, kind, at=now, queue_id=qid, detail=f"{row.state} -> {target} by {who}"
+                    conn, kind, at=now, queue_id=qid, detail=f"{before} -> {target} by {who}"
                 )
             note = ""
             if row.state == states.DELIVERING:
                 note = "its lease had expired: a late outcome of that attempt is discarded"
-            outcomes.append(Outcome(qid, row.state, target, note))
+            outcomes.append(Outcome(qid, before, target, note))
+    for o in outcomes:
+        if o.changed and (verb == "delete" or o.before == states.BAD):
+            if dry_run:
+                n = len(baddir_copies(baddir, o.queue_id))
+                o.add_reason(f"would remove {n} baddir file(s)" if n else "")
+            else:
+                o.add_reason(remove_baddir_copies(baddir, o.queue_id))
     return outcomes
 
 
@@ -315,12 +378,14 @@ def change(
 
 
 class PurgeResult:
-    __slots__ = ("bodies", "messages", "rows")
+    __slots__ = ("baddir_left", "baddir_removed", "bodies", "messages", "rows")
 
     def __init__(self) -> None:
         self.messages = 0
         self.bodies = 0
         self.rows = 0
+        self.baddir_removed = 0
+        self.baddir_left: list[str] = []
 
 
 def purge(
@@ -333,12 +398,14 @@ def purge(
     dry_run: bool = False,
     batch: int = PURGE_BATCH,
     progress: Callable[[PurgeResult], None] | None = None,
+    baddir: str | None = None,
 ) -> PurgeResult:
     """Retention: bodies of final mail older than cutoff, then (unless keep_rows) rows.
 
     Works in batches of ``batch`` messages, one transaction each, so receivers and
     deliverers are never locked out for long. Events stay: the envelope log outlives
-    the messages it describes. Each purged message gets a 'purged' event.
+    the messages it describes. Each purged message gets a 'purged' event. Bad mail
+    whose row goes also loses its copies in ``baddir``.
     """
     result = PurgeResult()
     who = actor()
@@ -365,6 +432,7 @@ def purge(
                 done = set(queries.purge_bodies(conn, ids, state))
                 result.bodies += len(done)
                 what = "body"
+                gone: list[str] = []
                 if not keep_rows:
                     gone = queries.purge_rows(conn, ids, state)
                     result.rows += len(gone)
@@ -384,6 +452,12 @@ def purge(
                         if r.queue_id in done
                     ],
                 )
+            for qid in gone if state == states.BAD else []:
+                said = remove_baddir_copies(baddir, qid)
+                if said.startswith("baddir copy left"):
+                    result.baddir_left.append(f"{qid}: {said}")
+                elif said:
+                    result.baddir_removed += 1
             if progress is not None:
                 progress(result)
     return result

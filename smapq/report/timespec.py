@@ -73,6 +73,14 @@ def short_time(epoch: float | None) -> str:
     return dt.datetime.fromtimestamp(epoch, dt.UTC).strftime("%Y-%m-%d %H:%M")
 
 
+def long_time(epoch: float) -> str:
+    """``2026-11-25 09:30:12`` in UTC: a time to the second, for ``report sql``."""
+    try:
+        return dt.datetime.fromtimestamp(epoch, dt.UTC).strftime("%Y-%m-%d %H:%M:%S")
+    except (OverflowError, OSError, ValueError):
+        return repr(epoch)  # not a time after all: show the number
+
+
 def human_duration(seconds: float | None) -> str:
     """Two most significant units: ``45s``, ``5m12s``, ``3h05m``, ``4d02h``."""
     if seconds is None:

@@ -135,7 +135,7 @@ def test_verbs_report_what_they_leave_alone(filled: Filled) -> None:
     result = filled.smapq("queue", "release", "M3", "M5", check=False)
     assert result.returncode == 1
     assert "M5: held -> received" in result.stdout
-    assert "M3: unchanged (received): not held" in result.stdout
+    assert "M3: unchanged (deferred): not held" in result.stdout
     assert "1 of 2 message(s) left unchanged" in result.stderr
     hold = filled.smapq("queue", "hold", "M6", check=False)
     assert hold.returncode == 1 and "in delivery" in hold.stdout
