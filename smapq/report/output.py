@@ -33,7 +33,8 @@ ELLIPSIS = "…"
 
 # "epoch": a raw value that is a time (report sql's ``*_at`` columns): programs get it
 # as stored, tables show it as a UTC time.
-KINDS = ("text", "int", "time", "duration", "bytes", "float", "raw", "epoch")
+# "list": a list of strings (a JSON array; space-separated in CSV).
+KINDS = ("text", "int", "time", "duration", "bytes", "float", "raw", "epoch", "list")
 BLOB_PREVIEW = 60
 _NUMERIC = frozenset({"int", "duration", "bytes", "float"})
 
@@ -130,6 +131,8 @@ def _plain(kind: str, value: Any) -> Any:
         return value.decode("utf-8", "replace")
     if kind in ("raw", "epoch") and isinstance(value, int | float):
         return value
+    if kind == "list":
+        return [str(v) for v in value]
     return str(value)
 
 
@@ -165,12 +168,15 @@ def write_csv(report: Report, out: TextIO) -> None:
     w = csv.writer(out, lineterminator="\n")
     w.writerow([c.name for c in cols])
     for row in report.rows:
-        w.writerow(
-            [
-                "" if row[i] is None else _plain(c.kind, row[i])
-                for i, c in zip(keep, cols, strict=True)
-            ]
-        )
+        w.writerow([_csv_cell(c.kind, row[i]) for i, c in zip(keep, cols, strict=True)])
+
+
+def _csv_cell(kind: str, value: Any) -> Any:
+    if value is None:
+        return ""
+    if kind == "list":
+        return " ".join(str(v) for v in value)
+    return _plain(kind, value)
 
 
 # --- tables: for people -------------------------------------------------------------
@@ -187,7 +193,9 @@ def cell(kind: str, value: Any) -> str:
         return human_bytes(int(value))
     if kind == "float":
         return f"{float(value):.3f}"
-    if kind == "epoch" and isinstance(value, int | float) and not isinstance(value, bool):
+    if kind == "list":
+        value = ", ".join(str(v) for v in value)
+    elif kind == "epoch" and isinstance(value, int | float) and not isinstance(value, bool):
         return long_time(float(value))
     if isinstance(value, bytes):
         return blob_cell(value)

@@ -27,7 +27,7 @@ from __future__ import annotations
 
 import getpass
 import os
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from typing import Any
 
 from sqlalchemy import Connection, Engine
@@ -91,11 +91,16 @@ def like(glob: str) -> str:
 # --- list ---------------------------------------------------------------------------
 
 
+LIST_STATES = (*states.STATES, queries.DEFERRED)
+RECIPIENT_CHUNK = 200
+
+
 def list_messages(
     conn: Connection,
     now: float,
     *,
     queue_states: Sequence[str] = (),
+    all_states: bool = False,
     sender: str | None = None,
     recipient: str | None = None,
     client: str | None = None,
@@ -104,10 +109,17 @@ def list_messages(
     after: str | None = None,
     limit: int | None = DEFAULT_PAGE,
 ) -> Report:
-    """Messages in queue order, one page of ``limit`` (None: all), streamed."""
+    """Messages in queue order, one page of ``limit`` (None: all), streamed.
+
+    Like ``postqueue -p``: without ``queue_states`` only mail still waiting (received,
+    deferred, delivering, held); ``all_states`` lists every message.
+    """
     for s in queue_states:
-        if s not in states.STATES:
-            raise UsageError(f"--state: {s!r} is not one of {', '.join(states.STATES)}")
+        if s not in LIST_STATES:
+            raise UsageError(f"--state: {s!r} is not one of {', '.join(LIST_STATES)}")
+    if all_states and queue_states:
+        raise UsageError("--all and --state exclude each other")
+    chosen = tuple(queue_states) or (() if all_states else states.WAITING)
     after_id = 0
     if after:
         found = queries.queue_find(conn, [after])
@@ -125,11 +137,16 @@ def list_messages(
         Column("sender", flex=True),
         Column("first_recipient", table=False),
         Column("client_addr", table=False),
+        Column("status"),
+        Column("next_attempt_at", "time", table=False),
+        Column("last_result", flex=True),
+        Column("pending_recipients", "list", table=False),
     ]
     report = Report("queue-list", columns, (), generated_at=now)
+    report.extra["states"] = list(chosen) or list(states.STATES)
     rows = queries.queue_list(
         conn,
-        queue_states=queue_states,
+        queue_states=chosen,
         sender=like(sender) if sender is not None else None,
         recipient=like(recipient) if recipient is not None else None,
         client=like(client) if client is not None else None,
@@ -138,23 +155,56 @@ def list_messages(
         after_id=after_id,
         limit=None if limit is None else limit + 1,
     )
-    report.rows = _list_rows(report, rows, now, limit)
+    report.rows = _list_rows(conn, report, rows, now, limit)
     return report
 
 
 def _list_rows(
-    report: Report, rows: Iterator[Any] | Any, now: float, limit: int | None
+    conn: Connection, report: Report, rows: Iterable[Any], now: float, limit: int | None
 ) -> Iterator[tuple[Any, ...]]:
     last = None
-    for n, (_id, qid, state, rcv, size, att, frm, client, nr, first) in enumerate(rows):
-        if limit is not None and n >= limit:
-            report.more = True
-            report.extra["next_after"] = last
-            report.notes.append(f"page full: continue with --after {last}")
-            return
-        last = qid
-        yield (qid, state, rcv, now - rcv, size, att, nr, frm or "<>", first, client)
+    n = 0
+    for chunk in _chunked(rows, RECIPIENT_CHUNK):
+        # One query per chunk of messages for their recipients, not one per message.
+        rcpts = queries.queue_list_recipients(conn, [int(r[0]) for r in chunk])
+        for mid, qid, state, rcv, size, att, frm, client, nr, first, due, result in chunk:
+            if limit is not None and n >= limit:
+                report.more = True
+                report.extra["next_after"] = last
+                report.notes.append(f"page full: continue with --after {last}")
+                return
+            n += 1
+            last = qid
+            pending = [a for a, sent in rcpts.get(int(mid), []) if sent is None]
+            status = shown_state(state, int(att or 0))
+            yield (
+                qid,
+                state,
+                rcv,
+                now - rcv,
+                size,
+                att,
+                nr,
+                frm or "<>",
+                first,
+                client,
+                status,
+                due if state == states.RECEIVED else None,
+                result,
+                pending,
+            )
     report.extra.setdefault("next_after", None)
+
+
+def _chunked(rows: Iterable[Any], size: int) -> Iterator[list[Any]]:
+    chunk: list[Any] = []
+    for row in rows:
+        chunk.append(row)
+        if len(chunk) == size:
+            yield chunk
+            chunk = []
+    if chunk:
+        yield chunk
 
 
 # --- show and export ----------------------------------------------------------------
@@ -427,6 +477,8 @@ def purge(
                     result.bodies += with_body
                     result.rows += 0 if keep_rows else len(rows)
                     conn.rollback()
+                    if progress is not None:
+                        progress(result)
                     continue
                 # Each write re-checks the state: a message requeued meanwhile is skipped.
                 done = set(queries.purge_bodies(conn, ids, state))

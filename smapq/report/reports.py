@@ -75,7 +75,7 @@ SUMMARY_MEANING = {
     "deferred": "now: waiting for a retry",
     "oldest_waiting_age": "now: oldest not delivered or bad",
     "delivered_in_window": "deliveries in the window",
-    "bad_in_window": "failures in the window, even if requeued since",
+    "bad_in_window": "went bad in the window, even if requeued",
 }
 
 

@@ -18,7 +18,7 @@ import time
 from collections.abc import Iterable, Iterator, Mapping, Sequence
 from typing import Any
 
-from sqlalchemy import Connection, Insert, Row, bindparam, func, insert, select, text
+from sqlalchemy import Connection, Insert, Row, bindparam, func, insert, or_, select, text
 
 from smapq.store import states
 from smapq.store.schema import events, messages, recipients
@@ -1155,6 +1155,9 @@ def run_sql(conn: Connection, sql: str) -> tuple[list[str], Iterable[Sequence[An
     return list(result.keys()), result
 
 
+DEFERRED = "deferred"  # not a state: received mail that was tried before
+
+
 def queue_list(
     conn: Connection,
     *,
@@ -1169,8 +1172,11 @@ def queue_list(
 ) -> Iterable[Sequence[Any]]:
     """Messages in queue order (messages.id), keyset-paged after ``after_id``, streamed.
 
-    ``sender``, ``recipient`` and ``client`` are SQL LIKE patterns (the caller maps
-    ``*`` to ``%``); a pattern without wildcards is an exact match.
+    Rows: id, queue_id, state, received_at, size, attempts, mail_from, client_addr,
+    recipient count, first recipient, next_attempt_at, last_result. ``queue_states``
+    may name ``deferred`` (received and tried before). ``sender``, ``recipient`` and
+    ``client`` are SQL LIKE patterns (the caller maps ``*`` to ``%``); a pattern
+    without wildcards is an exact match.
     """
     m, r = messages.c, recipients.c
     first_rcpt = (
@@ -1192,9 +1198,15 @@ def queue_list(
         m.client_addr,
         _rcpt_count(),
         first_rcpt,
+        m.next_attempt_at,
+        m.last_result,
     ).where(m.id > after_id)
     if queue_states:
-        stmt = stmt.where(m.state.in_(list(queue_states)))
+        real = [s for s in queue_states if s != DEFERRED]
+        conds: list[Any] = [m.state.in_(real)]
+        if DEFERRED in queue_states and states.RECEIVED not in real:
+            conds.append((m.state == states.RECEIVED) & (m.attempts > 0))
+        stmt = stmt.where(or_(*conds))
     if sender is not None:
         stmt = stmt.where(m.mail_from.like(sender, escape="\\"))
     if client is not None:
@@ -1212,6 +1224,23 @@ def queue_list(
     if limit is not None:
         stmt = stmt.limit(limit)
     return conn.execution_options(stream_results=True).execute(stmt)
+
+
+def queue_list_recipients(
+    conn: Connection, message_ids: Sequence[int]
+) -> dict[int, list[tuple[str, float | None]]]:
+    """message id -> [(address, sent_at)] in envelope order, for one page of a listing."""
+    r = recipients.c
+    out: dict[int, list[tuple[str, float | None]]] = {}
+    for i in range(0, len(message_ids), 500):
+        stmt = (
+            select(r.message_id, r.address, r.sent_at)
+            .where(r.message_id.in_(list(message_ids[i : i + 500])))
+            .order_by(r.message_id, r.position)
+        )
+        for mid, address, sent_at in conn.execute(stmt):
+            out.setdefault(int(mid), []).append((str(address), sent_at))
+    return out
 
 
 def queue_find(conn: Connection, queue_ids: Sequence[str]) -> dict[str, Row[Any]]:

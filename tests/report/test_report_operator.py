@@ -6,7 +6,8 @@ import datetime as dt
 
 from sqlalchemy import text
 
-from tests.report.conftest import Filled
+from tests.conftest import program
+from tests.report.conftest import Filled, on_a_terminal
 
 
 def test_summary_says_what_bad_and_bad_in_window_count(filled: Filled) -> None:
@@ -58,3 +59,12 @@ def test_sql_table_shows_times_and_blobs_for_people(filled: Filled) -> None:
 def test_sql_time_column_that_is_not_a_number_is_shown_as_is(filled: Filled) -> None:
     out = filled.smapq("report", "sql", "SELECT 'soon' AS due_at, 1e300 AS far_at")
     assert out.stdout.splitlines()[1].split() == ["soon", "1e+300"]
+
+
+def test_purge_shows_progress_on_a_terminal_only(filled: Filled) -> None:
+    cmd = [program("smapq"), "-t", str(filled.spool.table), "queue", "purge"]
+    code, out, terminal = on_a_terminal([*cmd, "--older-than", "1d", "--dry-run"])
+    assert code == 0 and "\rpurge: 1 messages ...\x1b[K" in terminal
+    assert out.startswith("would purge 1 message(s)")
+    piped = filled.smapq("queue", "purge", "--older-than", "1d", "--dry-run")
+    assert piped.stderr == ""
