@@ -18,7 +18,19 @@ import time
 from collections.abc import Iterable, Iterator, Mapping, Sequence
 from typing import Any
 
-from sqlalchemy import Connection, Insert, Row, bindparam, func, insert, or_, select, text
+from sqlalchemy import (
+    Connection,
+    Insert,
+    Integer,
+    Row,
+    bindparam,
+    cast,
+    func,
+    insert,
+    or_,
+    select,
+    text,
+)
 
 from smapq.store import states
 from smapq.store.schema import events, messages, recipients
@@ -1142,6 +1154,83 @@ def report_event_totals(conn: Connection, kinds: Sequence[str]) -> dict[str, int
     stmt = select(e.kind, func.count()).where(e.kind.in_(list(kinds))).group_by(e.kind)
     found = {str(k): int(n) for k, n in conn.execute(stmt)}
     return {k: found.get(k, 0) for k in kinds}
+
+
+# --- the daily summary (smapq report daily) -----------------------------------------
+
+
+def _bucket(conn: Connection, col: Any, step: int) -> Any:
+    """Start of the ``step``-second period holding ``col`` (epoch seconds, positive)."""
+    if conn.dialect.name == "postgresql":
+        return func.floor(col / step) * step
+    # SQLite's CAST truncates toward zero, which is floor for times after 1970.
+    return cast(col / step, Integer) * step
+
+
+def report_event_buckets(
+    conn: Connection, kinds: Sequence[str], since: float | None, until: float | None, step: int
+) -> list[Sequence[Any]]:
+    """(period start, kind, events) for ``kinds`` in the window, by ``step`` seconds."""
+    e = events.c
+    period = _bucket(conn, e.at, step).label("period")
+    stmt = (
+        select(period, e.kind, func.count())
+        .where(e.kind.in_(list(kinds)), *_window(e.at, since, until))
+        .group_by(period, e.kind)
+        .order_by(period)
+    )
+    return list(conn.execute(stmt))
+
+
+def report_event_totals_between(
+    conn: Connection, kinds: Sequence[str], since: float | None, until: float | None
+) -> dict[str, int]:
+    """Events of each of ``kinds`` in the window (0 for a kind with none)."""
+    e = events.c
+    stmt = (
+        select(e.kind, func.count())
+        .where(e.kind.in_(list(kinds)), *_window(e.at, since, until))
+        .group_by(e.kind)
+    )
+    found = {str(k): int(n) for k, n in conn.execute(stmt)}
+    return {k: found.get(k, 0) for k in kinds}
+
+
+def report_event_details(
+    conn: Connection, kind: str, since: float | None, until: float | None
+) -> list[Sequence[Any]]:
+    """(code, detail, events, latest) of one event kind in the window, most frequent first.
+
+    The caller folds details that differ only in their variable part (a command echoed
+    back, a retry delay) into one reason.
+    """
+    e = events.c
+    n = func.count().label("n")
+    stmt = (
+        select(e.code, e.detail, n, func.max(e.at))
+        .where(e.kind == kind, *_window(e.at, since, until))
+        .group_by(e.code, e.detail)
+        .order_by(n.desc(), e.code, e.detail)
+    )
+    return list(conn.execute(stmt))
+
+
+def report_bad_events(
+    conn: Connection, since: float | None, until: float | None, limit: int
+) -> list[Sequence[Any]]:
+    """(at, queue_id, code, detail, sender or None) of failures in the window, latest first.
+
+    From the envelope log, so mail that was requeued, deleted or purged since is listed.
+    """
+    e, m = events.c, messages.c
+    stmt = (
+        select(e.at, e.queue_id, e.code, e.detail, m.mail_from)
+        .select_from(events.outerjoin(messages, m.queue_id == e.queue_id))
+        .where(e.kind == "bad", *_window(e.at, since, until))
+        .order_by(e.at.desc(), e.id.desc())
+        .limit(limit)
+    )
+    return list(conn.execute(stmt))
 
 
 def run_sql(conn: Connection, sql: str) -> tuple[list[str], Iterable[Sequence[Any]]]:
