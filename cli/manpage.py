@@ -27,6 +27,9 @@ import click
 from smapq import __version__
 from smapq.config.keys import KEYS, SMAP, SMAPD, Key
 
+INETD_LINE = (
+    "smtp stream tcp nowait.6000 root /opt/smapq/bin/smap smap -t /usr/local/etc/netperm-table"
+)
 SEE_ALSO = {
     "smapq": ["smap(8)", "smapd(8)", "netperm-table(5)", "postqueue(1)", "postsuper(1)"],
     "smap": ["smapq(8)", "smapd(8)", "netperm-table(5)", "inetd(8)", "systemd.socket(5)"],
@@ -310,11 +313,10 @@ def smap_page() -> str:
         ".SH EXAMPLE",
         "An",
         ".I /etc/inetd.conf",
-        "line (one line; the README's install has the table in",
-        ".IR /usr/local/etc ):",
+        "line:",
         ".PP",
         ".nf",
-        opt("smtp stream tcp nowait.6000 root /opt/smapq/bin/smap smap -t /etc/netperm-table"),
+        opt(INETD_LINE),
         ".fi",
     ]
     lines += _see_also("smap")
