@@ -106,6 +106,8 @@ def _options(cmd: click.Command) -> list[str]:
     lines: list[str] = []
     ctx = click.Context(cmd)
     for param in cmd.get_params(ctx):
+        if not isinstance(param, click.Option):
+            continue  # arguments are in the usage line
         record = param.get_help_record(ctx)
         if record is None:
             continue
