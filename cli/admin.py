@@ -8,7 +8,7 @@ import click
 
 from smapq import spool
 
-from .common import State, echo_lines, pass_state
+from .common import Group, State, echo_lines, pass_state
 
 
 def _migrate() -> ModuleType:
@@ -52,7 +52,7 @@ def check_config_cmd(state: State) -> None:
         click.echo(f"smapq: warning: {warning}", err=True)
 
 
-@click.group("db")
+@click.group("db", cls=Group)
 def db_group() -> None:
     """Schema migrations of the queue database."""
 

@@ -1,4 +1,10 @@
-"""What every command shares: the table option, loading settings, opening the queue."""
+"""What every command shares: the table option, loading settings, opening the queue.
+
+``-t/--table`` works in every position (``smapq -t T report summary`` and ``smapq
+report summary -t T`` alike): ``Group.add_command`` gives it to each command it
+registers, at any depth, so a new command gets it by being added. The innermost one
+given wins.
+"""
 
 from __future__ import annotations
 
@@ -10,6 +16,8 @@ from sqlalchemy import Engine
 from smapq.config.netperm import table_path
 from smapq.config.settings import Config, load
 from smapq.store.engine import make_engine
+
+TABLE_HELP = "netperm-table to read [env SMAPQ_TABLE; default /usr/local/etc/netperm-table]"
 
 
 class State:
@@ -34,6 +42,46 @@ class State:
 
 
 pass_state = click.make_pass_decorator(State)
+
+
+def _take_table(ctx: click.Context, _param: click.Parameter, value: str | None) -> None:
+    # Runs while the subcommand parses, after the root callback made the State.
+    if value:
+        state = ctx.find_object(State)
+        if state is None:  # a command run on its own (tests, man page rendering)
+            state = ctx.obj = State(value)
+        state.table = table_path(value)
+        state._config = None
+
+
+def table_option() -> click.Option:
+    """``-t/--table PATH`` for a subcommand: sets the State's table, passes nothing."""
+    return click.Option(
+        ["-t", "--table"],
+        metavar="PATH",
+        expose_value=False,
+        callback=_take_table,
+        help="netperm-table to read (same as 'smapq -t PATH')",
+    )
+
+
+def with_table(cmd: click.Command) -> click.Command:
+    """Give ``cmd`` (and, for a group, every command in it) the ``-t/--table`` option."""
+    if not any("--table" in getattr(p, "opts", ()) for p in cmd.params):
+        cmd.params.append(table_option())
+    if isinstance(cmd, click.Group):
+        for sub in cmd.commands.values():
+            with_table(sub)
+    return cmd
+
+
+class Group(click.Group):
+    """A command group whose commands, at any depth, all take ``-t/--table``."""
+
+    group_class = type  # subgroups made with @group.group() are Groups too
+
+    def add_command(self, cmd: click.Command, name: str | None = None) -> None:
+        super().add_command(with_table(cmd), name)
 
 
 def echo_lines(lines: list[str], **kwargs: Any) -> None:

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import sys
-import time
 
 import click
 
@@ -12,6 +11,7 @@ from smapq.report import importspool as imp
 from smapq.report.db import translated
 
 from .common import State, pass_state
+from .progress import Progress
 
 
 @click.command("import-spool")
@@ -23,7 +23,7 @@ from .common import State, pass_state
 )
 @click.option("--dry-run", "-n", is_flag=True, help="parse and report, import and move nothing")
 @click.option("--verbose", "-v", is_flag=True, help="one line per imported file too")
-@click.option("--quiet", "-q", is_flag=True, help="no progress lines on stderr")
+@click.option("--quiet", "-q", is_flag=True, help="no progress line, even on a terminal")
 @pass_state
 def import_spool_cmd(
     state: State,
@@ -42,26 +42,21 @@ def import_spool_cmd(
     dropped for starting with '-' (as smapd did). The exit status is 1 if a malformed
     file was left.
     """
-    last = [0.0]
+    with Progress("import-spool") as show, translated("queue database"):
+        show.on = show.on and not quiet
 
-    def report(r: imp.FileResult) -> None:
-        if verbose or r.alert or r.status not in (imp.IMPORTED, imp.ALREADY):
-            click.echo(r.line())
+        def report(r: imp.FileResult) -> None:
+            if verbose or r.alert or r.status not in (imp.IMPORTED, imp.ALREADY):
+                show.done()
+                click.echo(r.line())
 
-    def progress(done: int, total: int) -> None:
-        now = time.monotonic()
-        if not quiet and total >= 1000 and (now - last[0] >= 1.0 or done == total):
-            last[0] = now
-            click.echo(f"import-spool: {done}/{total} files", err=True)
-
-    with translated("queue database"):
         counts = imp.import_spool(
             state.engine(),
             directory,
             target_dir=imported_dir,
             dry_run=dry_run,
             report=report,
-            progress=progress,
+            progress=lambda done, total: show(f"{done}/{total} files", done == total),
         )
     word = "would import" if dry_run else "imported"
     left = counts[imp.INCOMPLETE] + counts[imp.LOCKED] + counts[imp.MALFORMED]

@@ -15,8 +15,8 @@ from smapq import __version__
 from smapq.errors import EX_SOFTWARE, EX_USAGE, SmapqError
 
 from .admin import check_config_cmd, db_group, init_cmd
-from .common import State
-from .deliver import deliver_cmd
+from .common import TABLE_HELP, Group, State
+from .deliver import deliver_cmd, smapd_cmd
 from .importspool import import_spool_cmd
 from .queue import queue_group
 from .receive import receive_cmd
@@ -24,14 +24,8 @@ from .report import report_group
 from .serve import serve_cmd
 
 
-@click.group(context_settings={"help_option_names": ["-h", "--help"]})
-@click.option(
-    "-t",
-    "--table",
-    metavar="PATH",
-    envvar="SMAPQ_TABLE",
-    help="netperm-table to read [env SMAPQ_TABLE; default /usr/local/etc/netperm-table]",
-)
+@click.group(cls=Group, context_settings={"help_option_names": ["-h", "--help"]})
+@click.option("-t", "--table", metavar="PATH", envvar="SMAPQ_TABLE", help=TABLE_HELP)
 @click.version_option(__version__, prog_name="smapq")
 @click.pass_context
 def cli(ctx: click.Context, table: str | None) -> None:
@@ -50,10 +44,10 @@ cli.add_command(queue_group)
 cli.add_command(import_spool_cmd)
 
 
-def run(args: list[str] | None = None, prog: str = "smapq") -> int:
-    """Run the CLI and return its exit code instead of raising SystemExit."""
+def run(args: list[str] | None = None, prog: str = "smapq", command: click.Command = cli) -> int:
+    """Run ``command`` (the smapq CLI) and return its exit code instead of raising."""
     try:
-        rv = cli.main(args=args, prog_name=prog, standalone_mode=False)
+        rv = command.main(args=args, prog_name=prog, standalone_mode=False)
     except click.exceptions.Abort:
         click.echo(f"{prog}: aborted", err=True)
         return 1
@@ -84,4 +78,4 @@ def main() -> None:
 
 def smapd_main() -> None:
     """``smapd``: the FWTK name for ``smapq deliver --daemon``."""
-    sys.exit(run(["deliver", "--daemon", *sys.argv[1:]], prog="smapd"))
+    sys.exit(run(prog="smapd", command=smapd_cmd))

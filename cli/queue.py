@@ -17,17 +17,24 @@ from typing import Any
 import click
 
 from smapq.errors import SmapqError, UsageError
-from smapq.report import output, timespec
+from smapq.report import mailq, output, timespec
 from smapq.report import queue as q
 from smapq.report.db import readonly_session, translated
 
-from .common import State, pass_state
+from .common import Group, State, pass_state
+from .progress import Progress
 from .report import format_option, width_option
 
 
-@click.group("queue")
-def queue_group() -> None:
-    """Look at and operate on queued messages (postqueue/postsuper for smapq)."""
+@click.group("queue", cls=Group, invoke_without_command=True)
+@click.pass_context
+def queue_group(ctx: click.Context) -> None:
+    """Look at and operate on queued messages (postqueue/postsuper for smapq).
+
+    Alone, 'smapq queue' is 'smapq queue list': the mail still waiting, like mailq.
+    """
+    if ctx.invoked_subcommand is None:
+        ctx.invoke(list_cmd)
 
 
 def _duration(option: str, value: str | None) -> float | None:
@@ -40,7 +47,10 @@ def _duration(option: str, value: str | None) -> float | None:
     "queue_states",
     multiple=True,
     metavar="STATE",
-    help="only these states (repeatable): received, delivering, delivered, bad, held",
+    help="only these (repeatable): received, deferred, delivering, held, delivered, bad",
+)
+@click.option(
+    "--all", "-a", "all_states", is_flag=True, help="every message, delivered and bad too"
 )
 @click.option("--sender", metavar="PATTERN", help="envelope sender; * and ? are wildcards")
 @click.option("--recipient", metavar="PATTERN", help="any recipient; * and ? are wildcards")
@@ -62,6 +72,7 @@ def list_cmd(
     state: State,
     /,
     queue_states: tuple[str, ...],
+    all_states: bool,
     sender: str | None,
     recipient: str | None,
     client: str | None,
@@ -72,7 +83,9 @@ def list_cmd(
     fmt: str,
     width: int,
 ) -> None:
-    """List messages in queue order, one page at a time (--after continues)."""
+    """The mail still waiting, like mailq: status, size, age, sender, last result and the
+    recipients left (--all: every message). Queue order, one page at a time (--after
+    continues)."""
     now = time.time()
     older = _duration("--older-than", older_than)
     newer = _duration("--newer-than", newer_than)
@@ -81,6 +94,7 @@ def list_cmd(
             conn,
             now,
             queue_states=queue_states,
+            all_states=all_states,
             sender=sender,
             recipient=recipient,
             client=client,
@@ -89,7 +103,12 @@ def list_cmd(
             after=after,
             limit=limit or None,
         )
-        output.write(report, fmt, sys.stdout, sys.stderr, width)
+        if fmt == "table":
+            mailq.write(report, sys.stdout, width, now)
+            for note in report.notes:
+                click.echo(f"note: {note}", err=True)
+        else:
+            output.write(report, fmt, sys.stdout, sys.stderr, width)
 
 
 def _show_table(info: dict[str, Any], width: int) -> None:
@@ -225,6 +244,7 @@ def _verb(name: str, doc: str, all_bad: bool = False) -> None:
                 time.time(),
                 all_bad=bool(kw.get("all_bad")),
                 dry_run=dry_run,
+                baddir=state.config.smapd.baddir,
             )
         _report(name, outcomes, dry_run)
 
@@ -235,15 +255,17 @@ def _verb(name: str, doc: str, all_bad: bool = False) -> None:
 
 _verb(
     "requeue",
-    "Put messages (received, bad or held) back to received, due now (postsuper -r).",
+    "Put messages (deferred, bad or held) back to received, due now (postsuper -r); "
+    "a bad message's baddir copies are removed.",
     all_bad=True,
 )
 _verb("hold", "Hold messages: never claimed, never expire, until released (postsuper -h).")
 _verb("release", "Release held messages: back to received, due now (postsuper -H).")
 _verb(
     "delete",
-    "Delete messages and their recipients (postsuper -d). A message in delivery under a "
-    "live lease is left alone and reported; run delete again after the attempt.",
+    "Delete messages, their recipients and their baddir copies (postsuper -d). A message "
+    "in delivery under a live lease is left alone and reported; run delete again after "
+    "the attempt.",
 )
 
 
@@ -270,13 +292,7 @@ def purge_cmd(
     """
     now = time.time()
     cutoff = now - timespec.parse_duration(older_than, "--older-than")
-    tty = sys.stderr.isatty()
-
-    def progress(r: q.PurgeResult) -> None:
-        if tty:
-            click.echo(f"\rpurge: {r.messages} messages ...", nl=False, err=True)
-
-    with translated("queue database"):
+    with Progress("purge") as show, translated("queue database"):
         result = q.purge(
             state.engine(),
             cutoff,
@@ -285,12 +301,14 @@ def purge_cmd(
             keep_rows=keep_rows,
             dry_run=dry_run,
             batch=batch,
-            progress=progress,
+            progress=lambda r: show(f"{r.messages} messages ..."),
+            baddir=state.config.smapd.baddir,
         )
-    if tty:
-        click.echo("", err=True)
     what = "would purge" if dry_run else "purged"
     click.echo(
         f"{what} {result.messages} message(s) final before {timespec.iso(cutoff)}: "
         f"{result.bodies} bodies dropped, {result.rows} rows deleted"
+        + (f", {result.baddir_removed} baddir copies removed" if result.baddir_removed else "")
     )
+    for left in result.baddir_left:
+        click.echo(f"smapq: warning: {left}", err=True)

@@ -6,20 +6,24 @@ engine (SQLite ``mode=ro`` + ``query_only``).
 
 from __future__ import annotations
 
+import contextlib
+import os
+import socket
 import sys
+import tempfile
 import time
 from collections.abc import Callable
-from typing import Any
+from typing import Any, TextIO
 
 import click
 
-from smapq.errors import UsageError
+from smapq.errors import SmapqError, UsageError
+from smapq.report import daily, daily_html, daily_text, output, reports, sql, timespec
 from smapq.report import metrics as metrics_mod
-from smapq.report import output, reports, sql
 from smapq.report.db import readonly_session
 from smapq.report.timespec import window
 
-from .common import State, pass_state
+from .common import Group, State, pass_state
 
 F = Callable[..., Any]
 
@@ -90,7 +94,7 @@ def run_report(
         _emit(build(conn, w, **extra), opts["fmt"], opts["width"])
 
 
-@click.group("report")
+@click.group("report", cls=Group)
 def report_group() -> None:
     """Audits of the queue and the envelope log (read-only).
 
@@ -178,6 +182,88 @@ def latency_cmd(state: State, /, per: str | None, **opts: Any) -> None:
 def age_cmd(state: State, /, queue_states: tuple[str, ...], **opts: Any) -> None:
     """qshape: waiting recipients by domain and age (5, 10, 20 … 1280+ minutes)."""
     run_report(state, reports.age, opts, queue_states=queue_states)
+
+
+@report_group.command("daily")
+@click.option(
+    "--day",
+    metavar="DAY",
+    help="one UTC day: today, yesterday or 2026-11-25 (instead of --since/--until)",
+)
+@click.option("--since", metavar="WHEN", help="window start [default: 24 hours ago]")
+@click.option("--until", metavar="WHEN", help="window end (exclusive) [default: now]")
+@click.option(
+    "--top",
+    "-n",
+    type=click.IntRange(min=1),
+    default=daily.DEFAULT_TOP,
+    show_default=True,
+    help="rows in each ranking",
+)
+@click.option(
+    "--html",
+    "html_path",
+    metavar="FILE",
+    help="write one self-contained HTML page with SVG charts to FILE instead",
+)
+@width_option
+@pass_state
+def daily_cmd(
+    state: State,
+    /,
+    day: str | None,
+    since: str | None,
+    until: str | None,
+    top: int,
+    html_path: str | None,
+    width: int,
+) -> None:
+    """The day's mail, like pflogsumm: totals, traffic per hour, top senders, recipients
+    and clients, refusals by reason, deferral reasons, bad mail, latency, queue age.
+
+    For cron: 'smapq report daily --day yesterday | mail -s "smapq daily" postmaster'.
+    """
+    now = time.time()
+    if day is not None:
+        if since or until:
+            raise UsageError("--day excludes --since and --until")
+        lo, hi = timespec.day(day, now)
+    else:
+        start, end = window(since or "24h", until, now)
+        lo, hi = float(start if start is not None else now - 86400), end or now
+    host = state.config.smap.hostname or socket.gethostname()
+    with readonly_session(state.engine(readonly=True)) as conn:
+        d = daily.collect(conn, lo, hi, now, host, top)
+    if html_path is None:
+        daily_text.write(d, sys.stdout, width)
+        return
+    _write_file(html_path, lambda out: daily_html.write(d, out))
+
+
+def _write_file(path: str, render: Callable[[TextIO], None]) -> None:
+    """Write ``path`` whole or not at all: a temporary file renamed into place."""
+    directory = os.path.dirname(os.path.abspath(path))
+    try:
+        fd, tmp = tempfile.mkstemp(prefix=".smapq-", dir=directory)
+    except OSError as exc:
+        raise SmapqError(f"{path}: {exc.strerror}") from None
+    try:
+        with os.fdopen(fd, "w", encoding="utf-8") as out:
+            render(out)
+        os.chmod(tmp, 0o644 & ~_umask())
+        os.replace(tmp, path)
+    except BaseException as exc:
+        with contextlib.suppress(OSError):
+            os.unlink(tmp)
+        if isinstance(exc, OSError):
+            raise SmapqError(f"{path}: {exc.strerror or exc}") from None
+        raise
+
+
+def _umask() -> int:
+    mask = os.umask(0)
+    os.umask(mask)
+    return mask
 
 
 @report_group.command("sql")

@@ -103,13 +103,26 @@ def deliver(maildir: str, sender: str, rcpts: list[str], body: bytes) -> str:
     return final
 
 
+USAGE = "usage: smapq-maildrop [-oi] -f SENDER [--] RECIPIENT..."
+HELP = f"""{USAGE}
+
+Deliver the message on stdin into the Maildir $SMAPQ_MAILDIR (default ./Maildir), one
+file for all recipients, with Return-Path: and Delivered-To: in front. A sendmail
+stand-in for 'smapd: sendmail' on hosts without an MTA. Exit status: 0 stored,
+64 usage, 73 cannot create the Maildir, 74 I/O error, 75 out of space (try later).
+"""
+
+
 def main(argv: list[str] | None = None) -> int:
     args = sys.argv[1:] if argv is None else argv
+    if args[:1] == ["--help"]:
+        sys.stdout.write(HELP)
+        return EX_OK
     try:
         sender, rcpts = parse(args)
     except Usage as exc:
         print(f"smapq-maildrop: {exc}", file=sys.stderr)
-        print("usage: smapq-maildrop [-oi] -f SENDER [--] RECIPIENT...", file=sys.stderr)
+        print(USAGE, file=sys.stderr)
         return EX_USAGE
     maildir = os.environ.get(MAILDIR_ENV) or "Maildir"
     body = sys.stdin.buffer.read()

@@ -22,7 +22,7 @@ from itertools import islice
 from typing import Any, TextIO
 
 from smapq.errors import UsageError
-from smapq.report.timespec import human_bytes, human_duration, iso, short_time
+from smapq.report.timespec import human_bytes, human_duration, iso, long_time, short_time
 
 FORMATS = ("table", "csv", "json")
 FORMAT_VERSION = 1
@@ -31,7 +31,11 @@ TABLE_SAMPLE = 200
 GAP = "  "
 ELLIPSIS = "…"
 
-KINDS = ("text", "int", "time", "duration", "bytes", "float", "raw")
+# "epoch": a raw value that is a time (report sql's ``*_at`` columns): programs get it
+# as stored, tables show it as a UTC time.
+# "list": a list of strings (a JSON array; space-separated in CSV).
+KINDS = ("text", "int", "time", "duration", "bytes", "float", "raw", "epoch", "list")
+BLOB_PREVIEW = 60
 _NUMERIC = frozenset({"int", "duration", "bytes", "float"})
 
 
@@ -125,8 +129,10 @@ def _plain(kind: str, value: Any) -> Any:
         return int(value)
     if isinstance(value, bytes):
         return value.decode("utf-8", "replace")
-    if kind == "raw" and isinstance(value, int | float):
+    if kind in ("raw", "epoch") and isinstance(value, int | float):
         return value
+    if kind == "list":
+        return [str(v) for v in value]
     return str(value)
 
 
@@ -162,12 +168,15 @@ def write_csv(report: Report, out: TextIO) -> None:
     w = csv.writer(out, lineterminator="\n")
     w.writerow([c.name for c in cols])
     for row in report.rows:
-        w.writerow(
-            [
-                "" if row[i] is None else _plain(c.kind, row[i])
-                for i, c in zip(keep, cols, strict=True)
-            ]
-        )
+        w.writerow([_csv_cell(c.kind, row[i]) for i, c in zip(keep, cols, strict=True)])
+
+
+def _csv_cell(kind: str, value: Any) -> Any:
+    if value is None:
+        return ""
+    if kind == "list":
+        return " ".join(str(v) for v in value)
+    return _plain(kind, value)
 
 
 # --- tables: for people -------------------------------------------------------------
@@ -184,10 +193,22 @@ def cell(kind: str, value: Any) -> str:
         return human_bytes(int(value))
     if kind == "float":
         return f"{float(value):.3f}"
+    if kind == "list":
+        value = ", ".join(str(v) for v in value)
+    elif kind == "epoch" and isinstance(value, int | float) and not isinstance(value, bool):
+        return long_time(float(value))
     if isinstance(value, bytes):
-        value = value.decode("utf-8", "replace")
+        return blob_cell(value)
     # One line per row: control characters from the network never reach the terminal.
     return "".join(ch if ch.isprintable() else "?" for ch in str(value))
+
+
+def blob_cell(value: bytes) -> str:
+    """``<812 bytes> Subject: hi↵From: …``: the size, then the start as one line of text."""
+    head = value[: BLOB_PREVIEW * 4].decode("utf-8", "replace")
+    head = head.replace("\r\n", "\n").replace("\n", "↵")[:BLOB_PREVIEW]
+    text = "".join(ch if ch.isprintable() else "?" for ch in head)
+    return f"<{len(value)} bytes> {text}".rstrip()
 
 
 def _char_width(ch: str) -> int:

@@ -13,13 +13,21 @@ our read and our write wins and the row is reported as skipped, never clobbered.
 
 Bad input (an unknown queue id) is found before anything is written: the whole
 command fails with one line and nothing changes.
+
+The baddir copies (``<queue_id>.eml`` and ``.envelope``, written by the deliverer when a
+message goes bad) are FWTK's bad directory: a message that leaves state bad (requeue,
+hold) or the database (delete, purge) takes them with it, after its transaction
+committed. A copy that cannot be removed is reported, never fatal.
+
+A message in state received that was tried before is shown as ``deferred``, as in
+``smapq report deferred`` and Postfix's deferred queue.
 """
 
 from __future__ import annotations
 
 import getpass
 import os
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from typing import Any
 
 from sqlalchemy import Connection, Engine
@@ -41,6 +49,39 @@ def actor() -> str:
         return f"uid {os.getuid()}"
 
 
+# smapq.deliver.baddir.export writes these two files per bad message.
+BADDIR_SUFFIXES = (".eml", ".envelope")
+
+
+def baddir_copies(directory: str | None, queue_id: str) -> list[str]:
+    """The baddir files of one message that exist now."""
+    if not directory or "/" in queue_id or queue_id.startswith("."):
+        return []
+    paths = [os.path.join(directory, queue_id + sfx) for sfx in BADDIR_SUFFIXES]
+    return [p for p in paths if os.path.lexists(p)]
+
+
+def remove_baddir_copies(directory: str | None, queue_id: str) -> str:
+    """Remove them; returns what to tell the operator ('' when there were none)."""
+    removed, failed = 0, []
+    for path in baddir_copies(directory, queue_id):
+        try:
+            os.unlink(path)
+            removed += 1
+        except FileNotFoundError:
+            continue
+        except OSError as exc:
+            failed.append(f"{path}: {exc.strerror}")
+    if failed:
+        return "baddir copy left: " + "; ".join(failed)
+    return f"{removed} baddir file(s) removed" if removed else ""
+
+
+def shown_state(state: str, attempts: int) -> str:
+    """``deferred`` for received mail that was tried before, else the state."""
+    return "deferred" if state == states.RECEIVED and attempts > 0 else state
+
+
 def like(glob: str) -> str:
     """A shell-style ``*``/``?`` pattern as a LIKE pattern (exact when it has neither)."""
     escaped = glob.replace("\\", "\\\\").replace("%", "\\%").replace("_", "\\_")
@@ -50,11 +91,16 @@ def like(glob: str) -> str:
 # --- list ---------------------------------------------------------------------------
 
 
+LIST_STATES = (*states.STATES, queries.DEFERRED)
+RECIPIENT_CHUNK = 200
+
+
 def list_messages(
     conn: Connection,
     now: float,
     *,
     queue_states: Sequence[str] = (),
+    all_states: bool = False,
     sender: str | None = None,
     recipient: str | None = None,
     client: str | None = None,
@@ -63,10 +109,17 @@ def list_messages(
     after: str | None = None,
     limit: int | None = DEFAULT_PAGE,
 ) -> Report:
-    """Messages in queue order, one page of ``limit`` (None: all), streamed."""
+    """Messages in queue order, one page of ``limit`` (None: all), streamed.
+
+    Like ``postqueue -p``: without ``queue_states`` only mail still waiting (received,
+    deferred, delivering, held); ``all_states`` lists every message.
+    """
     for s in queue_states:
-        if s not in states.STATES:
-            raise UsageError(f"--state: {s!r} is not one of {', '.join(states.STATES)}")
+        if s not in LIST_STATES:
+            raise UsageError(f"--state: {s!r} is not one of {', '.join(LIST_STATES)}")
+    if all_states and queue_states:
+        raise UsageError("--all and --state exclude each other")
+    chosen = tuple(queue_states) or (() if all_states else states.WAITING)
     after_id = 0
     if after:
         found = queries.queue_find(conn, [after])
@@ -84,11 +137,16 @@ def list_messages(
         Column("sender", flex=True),
         Column("first_recipient", table=False),
         Column("client_addr", table=False),
+        Column("status"),
+        Column("next_attempt_at", "time", table=False),
+        Column("last_result", flex=True),
+        Column("pending_recipients", "list", table=False),
     ]
     report = Report("queue-list", columns, (), generated_at=now)
+    report.extra["states"] = list(chosen) or list(states.STATES)
     rows = queries.queue_list(
         conn,
-        queue_states=queue_states,
+        queue_states=chosen,
         sender=like(sender) if sender is not None else None,
         recipient=like(recipient) if recipient is not None else None,
         client=like(client) if client is not None else None,
@@ -97,23 +155,56 @@ def list_messages(
         after_id=after_id,
         limit=None if limit is None else limit + 1,
     )
-    report.rows = _list_rows(report, rows, now, limit)
+    report.rows = _list_rows(conn, report, rows, now, limit)
     return report
 
 
 def _list_rows(
-    report: Report, rows: Iterator[Any] | Any, now: float, limit: int | None
+    conn: Connection, report: Report, rows: Iterable[Any], now: float, limit: int | None
 ) -> Iterator[tuple[Any, ...]]:
     last = None
-    for n, (_id, qid, state, rcv, size, att, frm, client, nr, first) in enumerate(rows):
-        if limit is not None and n >= limit:
-            report.more = True
-            report.extra["next_after"] = last
-            report.notes.append(f"page full: continue with --after {last}")
-            return
-        last = qid
-        yield (qid, state, rcv, now - rcv, size, att, nr, frm or "<>", first, client)
+    n = 0
+    for chunk in _chunked(rows, RECIPIENT_CHUNK):
+        # One query per chunk of messages for their recipients, not one per message.
+        rcpts = queries.queue_list_recipients(conn, [int(r[0]) for r in chunk])
+        for mid, qid, state, rcv, size, att, frm, client, nr, first, due, result in chunk:
+            if limit is not None and n >= limit:
+                report.more = True
+                report.extra["next_after"] = last
+                report.notes.append(f"page full: continue with --after {last}")
+                return
+            n += 1
+            last = qid
+            pending = [a for a, sent in rcpts.get(int(mid), []) if sent is None]
+            status = shown_state(state, int(att or 0))
+            yield (
+                qid,
+                state,
+                rcv,
+                now - rcv,
+                size,
+                att,
+                nr,
+                frm or "<>",
+                first,
+                client,
+                status,
+                due if state == states.RECEIVED else None,
+                result,
+                pending,
+            )
     report.extra.setdefault("next_after", None)
+
+
+def _chunked(rows: Iterable[Any], size: int) -> Iterator[list[Any]]:
+    chunk: list[Any] = []
+    for row in rows:
+        chunk.append(row)
+        if len(chunk) == size:
+            yield chunk
+            chunk = []
+    if chunk:
+        yield chunk
 
 
 # --- show and export ----------------------------------------------------------------
@@ -225,9 +316,18 @@ class Outcome:
         if self.after is None:
             return f"{self.queue_id}: unchanged ({self.before}): {self.reason}"
         verb = "would go" if dry_run else ""
-        arrow = f"{self.before} -> {self.after}"
+        # A received message never tried yet stays received; it is only made due now.
+        arrow = (
+            f"{self.before} -> {self.after}"
+            if self.before != self.after
+            else f"{self.after}, due now"
+        )
         why = f" ({self.reason})" if self.reason else ""
         return f"{self.queue_id}: {verb + ' ' if verb else ''}{arrow}{why}"
+
+    def add_reason(self, text: str) -> None:
+        if text:
+            self.reason = f"{self.reason}; {text}" if self.reason else text
 
 
 # verb -> (event kind, states it applies to, target state, due now)
@@ -269,8 +369,13 @@ def change(
     *,
     all_bad: bool = False,
     dry_run: bool = False,
+    baddir: str | None = None,
 ) -> list[Outcome]:
-    """Apply ``verb`` to the messages; all ids must exist or nothing changes."""
+    """Apply ``verb`` to the messages; all ids must exist or nothing changes.
+
+    ``baddir``: ``smapd: baddir``, whose copies of a message leaving state bad (or
+    deleted) are removed once the change committed.
+    """
     kind, from_states, target, due_now = VERBS[verb]
     if not queue_ids and not all_bad:
         raise UsageError(f"{verb}: name at least one queue id")
@@ -287,9 +392,10 @@ def change(
             raise UsageError(f"no message with queue id {unknown[0]}{more}; nothing changed")
         for qid in ids:
             row = found[qid]
+            before = shown_state(row.state, int(row.attempts or 0))
             allowed = not _live_lease(row, now) if verb == "delete" else row.state in from_states
             if not allowed:
-                outcomes.append(Outcome(qid, row.state, None, _why_not(verb, row, now)))
+                outcomes.append(Outcome(qid, before, None, _why_not(verb, row, now)))
                 continue
             if not dry_run:
                 if verb == "delete":
@@ -299,15 +405,22 @@ def change(
                         conn, row.id, [row.state], target, now, due_now
                     )
                 if not done:
-                    outcomes.append(Outcome(qid, row.state, None, "changed meanwhile; retry"))
+                    outcomes.append(Outcome(qid, before, None, "changed meanwhile; retry"))
                     continue
                 queries.add_event(
-                    conn, kind, at=now, queue_id=qid, detail=f"{row.state} -> {target} by {who}"
+                    conn, kind, at=now, queue_id=qid, detail=f"{before} -> {target} by {who}"
                 )
             note = ""
             if row.state == states.DELIVERING:
                 note = "its lease had expired: a late outcome of that attempt is discarded"
-            outcomes.append(Outcome(qid, row.state, target, note))
+            outcomes.append(Outcome(qid, before, target, note))
+    for o in outcomes:
+        if o.changed and (verb == "delete" or o.before == states.BAD):
+            if dry_run:
+                n = len(baddir_copies(baddir, o.queue_id))
+                o.add_reason(f"would remove {n} baddir file(s)" if n else "")
+            else:
+                o.add_reason(remove_baddir_copies(baddir, o.queue_id))
     return outcomes
 
 
@@ -315,12 +428,14 @@ def change(
 
 
 class PurgeResult:
-    __slots__ = ("bodies", "messages", "rows")
+    __slots__ = ("baddir_left", "baddir_removed", "bodies", "messages", "rows")
 
     def __init__(self) -> None:
         self.messages = 0
         self.bodies = 0
         self.rows = 0
+        self.baddir_removed = 0
+        self.baddir_left: list[str] = []
 
 
 def purge(
@@ -333,12 +448,14 @@ def purge(
     dry_run: bool = False,
     batch: int = PURGE_BATCH,
     progress: Callable[[PurgeResult], None] | None = None,
+    baddir: str | None = None,
 ) -> PurgeResult:
     """Retention: bodies of final mail older than cutoff, then (unless keep_rows) rows.
 
     Works in batches of ``batch`` messages, one transaction each, so receivers and
     deliverers are never locked out for long. Events stay: the envelope log outlives
-    the messages it describes. Each purged message gets a 'purged' event.
+    the messages it describes. Each purged message gets a 'purged' event. Bad mail
+    whose row goes also loses its copies in ``baddir``.
     """
     result = PurgeResult()
     who = actor()
@@ -360,11 +477,14 @@ def purge(
                     result.bodies += with_body
                     result.rows += 0 if keep_rows else len(rows)
                     conn.rollback()
+                    if progress is not None:
+                        progress(result)
                     continue
                 # Each write re-checks the state: a message requeued meanwhile is skipped.
                 done = set(queries.purge_bodies(conn, ids, state))
                 result.bodies += len(done)
                 what = "body"
+                gone: list[str] = []
                 if not keep_rows:
                     gone = queries.purge_rows(conn, ids, state)
                     result.rows += len(gone)
@@ -384,6 +504,12 @@ def purge(
                         if r.queue_id in done
                     ],
                 )
+            for qid in gone if state == states.BAD else []:
+                said = remove_baddir_copies(baddir, qid)
+                if said.startswith("baddir copy left"):
+                    result.baddir_left.append(f"{qid}: {said}")
+                elif said:
+                    result.baddir_removed += 1
             if progress is not None:
                 progress(result)
     return result

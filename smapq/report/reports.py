@@ -61,15 +61,32 @@ def _sender(addr: str | None) -> str:
 # --- summary ------------------------------------------------------------------------
 
 _UNIT_SHOWN = {"messages": "int", "bytes": "bytes", "seconds": "duration"}
+# For people: what each line counts. The state lines are messages as they are now; the
+# *_in_window lines count events, so mail that went bad and was then requeued, deleted
+# or purged is in bad_in_window but no longer in bad.
+SUMMARY_MEANING = {
+    states.RECEIVED: "waiting for a first try or a retry",
+    states.DELIVERING: "being delivered now",
+    states.DELIVERED: "delivered (rows not yet purged)",
+    states.BAD: "in state bad now",
+    states.HELD: "on hold until released",
+    "total": "messages in the database",
+    "bytes": "their size",
+    "deferred": "now: waiting for a retry",
+    "oldest_waiting_age": "now: oldest not delivered or bad",
+    "delivered_in_window": "deliveries in the window",
+    "bad_in_window": "went bad in the window, even if requeued",
+}
 
 
 def summary(conn: Connection, w: Window) -> Report:
     """Messages per state, deferred, oldest waiting, bytes, delivered and bad in window."""
     columns = [
-        Column("metric", flex=True),
+        Column("metric"),
         Column("value", "int", table=False),
         Column("shown", "text", title="VALUE", data=False),
         Column("unit"),
+        Column("meaning", data=False, flex=True),
     ]
     report = _report("summary", columns, w)
     by_state = dict.fromkeys(states.STATES, (0, 0))
@@ -89,10 +106,20 @@ def summary(conn: Connection, w: Window) -> Report:
         ),
         ("bad_in_window", queries.report_event_count(conn, "bad", w.since, w.until), "messages"),
     ]
-    report.rows = [(m, v, cell(_UNIT_SHOWN[u], v), u) for m, v, u in metrics]
+    report.rows = [(m, v, cell(_UNIT_SHOWN[u], v), u, SUMMARY_MEANING[m]) for m, v, u in metrics]
     if w.since is not None or w.until is not None:
         report.notes.append(
             "state counts cover mail received in the window; deferred and oldest are now"
+        )
+    went_bad, now_bad = metrics[-1][1], by_state[states.BAD][0]
+    if went_bad != now_bad:
+        windowed = w.since is not None or w.until is not None
+        report.notes.append(
+            f"bad ({now_bad}) is messages in state bad now"
+            + (", received in the window" if windowed else "")
+            + f"; bad_in_window ({went_bad}) is failures "
+            + ("in the window" if windowed else "ever recorded")
+            + ", including messages requeued, deleted or purged since"
         )
     return report
 

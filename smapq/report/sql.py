@@ -8,6 +8,9 @@ allows only reads, functions, recursive CTEs and a list of read-only PRAGMAs -- 
 end our read-only transaction is refused before it runs; on PostgreSQL the
 transaction is ``READ ONLY``.
 
+Output: values as stored; in tables, columns named ``at`` or ``*_at`` (the schema's
+epoch-second times) are shown as UTC times, and blobs as their size and first text.
+
 Diagnostics: any error from the database (syntax, unknown table, refused action, more
 than one statement) is one line ``sql: <reason>`` and exit 64.
 """
@@ -93,12 +96,19 @@ def run(conn: Connection, statement: str, now: float, limit: int | None = None) 
         names, rows = queries.run_sql(conn, statement)
     if not names:
         raise UsageError("sql: the statement returns no rows; only queries run here")
-    columns = [Column(n or f"column{i + 1}", "raw", title=n or "?") for i, n in enumerate(names)]
+    columns = [
+        Column(n or f"column{i + 1}", _kind(n), title=n or "?") for i, n in enumerate(names)
+    ]
     for c in columns:
         c.flex = True
     report = Report("sql", columns, (), generated_at=now)
     report.rows = _guard_iter(report.limit(rows, limit))
     return report
+
+
+def _kind(name: str | None) -> str:
+    # The schema's convention: times are float epoch seconds in columns named *_at.
+    return "epoch" if name and (name == "at" or name.endswith("_at")) else "raw"
 
 
 def _guard_iter(rows: Iterator[Any]) -> Iterator[Any]:

@@ -59,6 +59,23 @@ def window(since: str | None, until: str | None, now: float) -> tuple[float | No
     return lo, hi
 
 
+def day(text: str, now: float, option: str = "--day") -> tuple[float, float]:
+    """[start, end) of one UTC day: ``today``, ``yesterday`` or ``2026-11-25``."""
+    today = dt.datetime.fromtimestamp(now, dt.UTC).date()
+    word = text.strip().lower()
+    if word in ("today", "yesterday"):
+        date = today - dt.timedelta(days=1 if word == "yesterday" else 0)
+    else:
+        try:
+            date = dt.date.fromisoformat(text.strip())
+        except ValueError:
+            raise UsageError(
+                f"{option}: {text!r} is not today, yesterday or a date like 2026-11-25"
+            ) from None
+    start = dt.datetime(date.year, date.month, date.day, tzinfo=dt.UTC).timestamp()
+    return start, start + 86400
+
+
 def iso(epoch: float | None) -> str | None:
     """ISO 8601 UTC with a Z, to the second (the stable JSON form)."""
     if epoch is None:
@@ -71,6 +88,14 @@ def short_time(epoch: float | None) -> str:
     if epoch is None:
         return "-"
     return dt.datetime.fromtimestamp(epoch, dt.UTC).strftime("%Y-%m-%d %H:%M")
+
+
+def long_time(epoch: float) -> str:
+    """``2026-11-25 09:30:12`` in UTC: a time to the second, for ``report sql``."""
+    try:
+        return dt.datetime.fromtimestamp(epoch, dt.UTC).strftime("%Y-%m-%d %H:%M:%S")
+    except (OverflowError, OSError, ValueError):
+        return repr(epoch)  # not a time after all: show the number
 
 
 def human_duration(seconds: float | None) -> str:

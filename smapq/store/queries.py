@@ -18,7 +18,19 @@ import time
 from collections.abc import Iterable, Iterator, Mapping, Sequence
 from typing import Any
 
-from sqlalchemy import Connection, Insert, Row, bindparam, func, insert, select, text
+from sqlalchemy import (
+    Connection,
+    Insert,
+    Integer,
+    Row,
+    bindparam,
+    cast,
+    func,
+    insert,
+    or_,
+    select,
+    text,
+)
 
 from smapq.store import states
 from smapq.store.schema import events, messages, recipients
@@ -1157,6 +1169,83 @@ def report_event_totals(conn: Connection, kinds: Sequence[str]) -> dict[str, int
     return {k: found.get(k, 0) for k in kinds}
 
 
+# --- the daily summary (smapq report daily) -----------------------------------------
+
+
+def _bucket(conn: Connection, col: Any, step: int) -> Any:
+    """Start of the ``step``-second period holding ``col`` (epoch seconds, positive)."""
+    if conn.dialect.name == "postgresql":
+        return func.floor(col / step) * step
+    # SQLite's CAST truncates toward zero, which is floor for times after 1970.
+    return cast(col / step, Integer) * step
+
+
+def report_event_buckets(
+    conn: Connection, kinds: Sequence[str], since: float | None, until: float | None, step: int
+) -> list[Sequence[Any]]:
+    """(period start, kind, events) for ``kinds`` in the window, by ``step`` seconds."""
+    e = events.c
+    period = _bucket(conn, e.at, step).label("period")
+    stmt = (
+        select(period, e.kind, func.count())
+        .where(e.kind.in_(list(kinds)), *_window(e.at, since, until))
+        .group_by(period, e.kind)
+        .order_by(period)
+    )
+    return list(conn.execute(stmt))
+
+
+def report_event_totals_between(
+    conn: Connection, kinds: Sequence[str], since: float | None, until: float | None
+) -> dict[str, int]:
+    """Events of each of ``kinds`` in the window (0 for a kind with none)."""
+    e = events.c
+    stmt = (
+        select(e.kind, func.count())
+        .where(e.kind.in_(list(kinds)), *_window(e.at, since, until))
+        .group_by(e.kind)
+    )
+    found = {str(k): int(n) for k, n in conn.execute(stmt)}
+    return {k: found.get(k, 0) for k in kinds}
+
+
+def report_event_details(
+    conn: Connection, kind: str, since: float | None, until: float | None
+) -> list[Sequence[Any]]:
+    """(code, detail, events, latest) of one event kind in the window, most frequent first.
+
+    The caller folds details that differ only in their variable part (a command echoed
+    back, a retry delay) into one reason.
+    """
+    e = events.c
+    n = func.count().label("n")
+    stmt = (
+        select(e.code, e.detail, n, func.max(e.at))
+        .where(e.kind == kind, *_window(e.at, since, until))
+        .group_by(e.code, e.detail)
+        .order_by(n.desc(), e.code, e.detail)
+    )
+    return list(conn.execute(stmt))
+
+
+def report_bad_events(
+    conn: Connection, since: float | None, until: float | None, limit: int
+) -> list[Sequence[Any]]:
+    """(at, queue_id, code, detail, sender or None) of failures in the window, latest first.
+
+    From the envelope log, so mail that was requeued, deleted or purged since is listed.
+    """
+    e, m = events.c, messages.c
+    stmt = (
+        select(e.at, e.queue_id, e.code, e.detail, m.mail_from)
+        .select_from(events.outerjoin(messages, m.queue_id == e.queue_id))
+        .where(e.kind == "bad", *_window(e.at, since, until))
+        .order_by(e.at.desc(), e.id.desc())
+        .limit(limit)
+    )
+    return list(conn.execute(stmt))
+
+
 def run_sql(conn: Connection, sql: str) -> tuple[list[str], Iterable[Sequence[Any]]]:
     """The operator's own statement, on a connection the caller made read-only.
 
@@ -1166,6 +1255,9 @@ def run_sql(conn: Connection, sql: str) -> tuple[list[str], Iterable[Sequence[An
     if not result.returns_rows:
         return [], iter(())
     return list(result.keys()), result
+
+
+DEFERRED = "deferred"  # not a state: received mail that was tried before
 
 
 def queue_list(
@@ -1182,8 +1274,11 @@ def queue_list(
 ) -> Iterable[Sequence[Any]]:
     """Messages in queue order (messages.id), keyset-paged after ``after_id``, streamed.
 
-    ``sender``, ``recipient`` and ``client`` are SQL LIKE patterns (the caller maps
-    ``*`` to ``%``); a pattern without wildcards is an exact match.
+    Rows: id, queue_id, state, received_at, size, attempts, mail_from, client_addr,
+    recipient count, first recipient, next_attempt_at, last_result. ``queue_states``
+    may name ``deferred`` (received and tried before). ``sender``, ``recipient`` and
+    ``client`` are SQL LIKE patterns (the caller maps ``*`` to ``%``); a pattern
+    without wildcards is an exact match.
     """
     m, r = messages.c, recipients.c
     first_rcpt = (
@@ -1205,9 +1300,15 @@ def queue_list(
         m.client_addr,
         _rcpt_count(),
         first_rcpt,
+        m.next_attempt_at,
+        m.last_result,
     ).where(m.id > after_id)
     if queue_states:
-        stmt = stmt.where(m.state.in_(list(queue_states)))
+        real = [s for s in queue_states if s != DEFERRED]
+        conds: list[Any] = [m.state.in_(real)]
+        if DEFERRED in queue_states and states.RECEIVED not in real:
+            conds.append((m.state == states.RECEIVED) & (m.attempts > 0))
+        stmt = stmt.where(or_(*conds))
     if sender is not None:
         stmt = stmt.where(m.mail_from.like(sender, escape="\\"))
     if client is not None:
@@ -1225,6 +1326,23 @@ def queue_list(
     if limit is not None:
         stmt = stmt.limit(limit)
     return conn.execution_options(stream_results=True).execute(stmt)
+
+
+def queue_list_recipients(
+    conn: Connection, message_ids: Sequence[int]
+) -> dict[int, list[tuple[str, float | None]]]:
+    """message id -> [(address, sent_at)] in envelope order, for one page of a listing."""
+    r = recipients.c
+    out: dict[int, list[tuple[str, float | None]]] = {}
+    for i in range(0, len(message_ids), 500):
+        stmt = (
+            select(r.message_id, r.address, r.sent_at)
+            .where(r.message_id.in_(list(message_ids[i : i + 500])))
+            .order_by(r.message_id, r.position)
+        )
+        for mid, address, sent_at in conn.execute(stmt):
+            out.setdefault(int(mid), []).append((str(address), sent_at))
+    return out
 
 
 def queue_find(conn: Connection, queue_ids: Sequence[str]) -> dict[str, Row[Any]]:

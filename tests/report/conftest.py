@@ -10,6 +10,8 @@ from __future__ import annotations
 
 import hashlib
 import json
+import os
+import pty
 import subprocess
 import time
 from typing import Any
@@ -278,6 +280,27 @@ def fill(engine: Engine, now: float) -> None:
             },
         ]
         queries.insert_events(c, log)
+
+
+def on_a_terminal(args: list[str]) -> tuple[int, str, str]:
+    """Run with stderr on a pseudo-terminal (as at a shell prompt), stdout on a pipe."""
+    master, slave = pty.openpty()
+    try:
+        proc = subprocess.Popen(args, stdout=subprocess.PIPE, stderr=slave, text=True)
+        os.close(slave)
+        chunks = []
+        while True:
+            try:
+                data = os.read(master, 65536)
+            except OSError:  # EIO: the child closed the terminal
+                break
+            if not data:
+                break
+            chunks.append(data)
+        out, _ = proc.communicate(timeout=120)
+    finally:
+        os.close(master)
+    return proc.returncode, out, b"".join(chunks).decode()
 
 
 @pytest.fixture

@@ -11,7 +11,8 @@ from pathlib import Path
 import pytest
 
 from smapq.report import importspool
-from tests.report.conftest import Filled
+from tests.conftest import program
+from tests.report.conftest import Filled, on_a_terminal
 
 RECEIVED = (
     b"Received: from mail.example.net(192.0.2.44) by fw.example.com via smap (V2.1)\n"
@@ -182,17 +183,28 @@ def test_dry_run_changes_nothing(filled: Filled, tmp_path: Path) -> None:
     assert (spool / "smaDRY0001").exists() and not (spool / "imported").exists()
 
 
-def test_large_spool_shows_progress(filled: Filled, tmp_path: Path) -> None:
+def test_progress_on_a_terminal_only(filled: Filled, tmp_path: Path) -> None:
     spool = tmp_path / "smap"
     spool.mkdir()
     first = spool_file(spool, "sma0000000")
-    for i in range(1, 1200):
+    for i in range(1, 300):
         shutil.copyfile(first, spool / f"sma{i:07d}")
         (spool / f"sma{i:07d}").chmod(0o700)
+    cmd = [program("smapq"), "-t", str(filled.spool.table), "import-spool"]
+    code, _, terminal = on_a_terminal([*cmd, str(spool), "--dry-run"])
+    assert code == 0
+    # One line rewritten in place, then erased before the summary.
+    assert "\rimport-spool: 300/300 files\x1b[K" in terminal
+    assert "\r\x1b[Kimport-spool: would import 300" in terminal
+    quiet = on_a_terminal([*cmd, str(spool), "--dry-run", "--quiet"])[2]
+    assert "files" not in quiet and "would import 300" in quiet
+    # As from cron: stderr is not a terminal, so only the result line.
     result = filled.smapq("import-spool", str(spool))
-    assert "import-spool: 1200/1200 files" in result.stderr
-    assert "imported 1200" in result.stderr
-    assert filled.scalar("SELECT count(*) FROM messages WHERE queue_id NOT LIKE 'M%'") == 1200
+    assert result.stderr.splitlines() == [
+        "import-spool: imported 300, already imported 0, left 0 (incomplete 0, locked 0, "
+        "malformed 0)"
+    ]
+    assert filled.scalar("SELECT count(*) FROM messages WHERE queue_id NOT LIKE 'M%'") == 300
 
 
 def test_one_import_per_spool_at_a_time(filled: Filled, tmp_path: Path) -> None:

@@ -228,7 +228,7 @@ def test_reports_show_what_the_receiver_and_deliverer_logged(site: Site) -> None
         doc = site.json("report", report)
         rows = list(csv.DictReader(io.StringIO(site.smapq("report", report, "-f", "csv").stdout)))
         assert len(rows) == len(doc["rows"]), report
-    listing = site.smapq("queue", "list").stdout.splitlines()
+    listing = site.smapq("queue", "list", "--all").stdout.splitlines()
     # SENDER is the last column, so the columns before it end at one terminal cell.
     cjk_line = next(line for line in listing if CJK in line)
     assert display_width(cjk_line[: cjk_line.index(CJK)]) == listing[0].index("SENDER")

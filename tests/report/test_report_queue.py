@@ -34,37 +34,47 @@ def state_of(filled: Filled, qid: str) -> str | None:
 
 
 def test_list_filters(filled: Filled) -> None:
-    assert ids(filled.json("queue", "list")) == [f"M{i}" for i in range(1, 9)]
+    # Like mailq: by default only mail still waiting (received, deferred, delivering, held).
+    assert ids(filled.json("queue", "list")) == ["M3", "M5", "M6", "M7", "M8"]
+    assert ids(filled.json("queue", "list", "--all")) == [f"M{i}" for i in range(1, 9)]
     assert ids(filled.json("queue", "list", "--state", "bad")) == ["M4"]
     assert ids(filled.json("queue", "list", "--state", "held", "--state", "bad")) == ["M4", "M5"]
-    assert ids(filled.json("queue", "list", "--sender", "alice@a.example")) == ["M1", "M2", "M5"]
-    assert ids(filled.json("queue", "list", "--sender", "gina@*")) == ["M6", "M7"]
-    assert ids(filled.json("queue", "list", "--recipient", "carol@*")) == ["M1"]
-    assert ids(filled.json("queue", "list", "--client", "192.0.2.2")) == ["M3"]
-    assert ids(filled.json("queue", "list", "--older-than", "1d")) == ["M2", "M4"]
-    assert ids(filled.json("queue", "list", "--newer-than", "7m")) == ["M6", "M7", "M8"]
+    assert ids(filled.json("queue", "list", "--state", "deferred")) == ["M3"]
+    assert ids(filled.json("queue", "list", "--state", "received")) == ["M3", "M8"]
+    assert ids(filled.json("queue", "list", "--sender", "alice@a.example")) == ["M5"]
+    every = ("queue", "list", "--all")
+    assert ids(filled.json(*every, "--sender", "alice@a.example")) == ["M1", "M2", "M5"]
+    assert ids(filled.json(*every, "--sender", "gina@*")) == ["M6", "M7"]
+    assert ids(filled.json(*every, "--recipient", "carol@*")) == ["M1"]
+    assert ids(filled.json(*every, "--client", "192.0.2.2")) == ["M3"]
+    assert ids(filled.json(*every, "--older-than", "1d")) == ["M2", "M4"]
+    assert ids(filled.json(*every, "--newer-than", "7m")) == ["M6", "M7", "M8"]
     # LIKE metacharacters in a pattern are literal.
-    assert ids(filled.json("queue", "list", "--sender", "alice%")) == []
+    assert ids(filled.json(*every, "--sender", "alice%")) == []
+    both = filled.smapq("queue", "list", "--all", "--state", "bad", check=False)
+    assert both.returncode == 64 and "--all and --state exclude each other" in both.stderr
 
 
 def test_list_pages_with_after(filled: Filled) -> None:
-    first = filled.json("queue", "list", "--limit", "3")
+    every = ("queue", "list", "--all")
+    first = filled.json(*every, "--limit", "3")
     assert ids(first) == ["M1", "M2", "M3"]
     assert first["more"] is True and first["next_after"] == "M3"
-    second = filled.json("queue", "list", "--limit", "3", "--after", "M3")
+    second = filled.json(*every, "--limit", "3", "--after", "M3")
     assert ids(second) == ["M4", "M5", "M6"]
-    last = filled.json("queue", "list", "--limit", "3", "--after", "M6")
+    last = filled.json(*every, "--limit", "3", "--after", "M6")
     assert ids(last) == ["M7", "M8"] and last["more"] is False and last["next_after"] is None
-    table = filled.smapq("queue", "list", "--limit", "3")
+    table = filled.smapq(*every, "--limit", "3")
     assert "continue with --after M3" in table.stderr
     assert all(len(line) <= 80 for line in table.stdout.splitlines())
 
 
 def test_list_without_paging_streams_everything(filled: Filled) -> None:
-    doc = filled.json("queue", "list", "--limit", "0")
+    doc = filled.json("queue", "list", "--all", "--limit", "0")
     assert len(doc["rows"]) == 8 and doc["more"] is False and doc["next_after"] is None
-    rows = filled.smapq("queue", "list", "--limit", "0", "-f", "csv").stdout.splitlines()
-    assert len(rows) == 9 and rows[0].startswith("queue_id,state,received_at,age,size")
+    rows = filled.smapq("queue", "list", "--all", "--limit", "0", "-f", "csv").stdout
+    lines = rows.splitlines()
+    assert len(lines) == 9 and lines[0].startswith("queue_id,state,received_at,age,size")
 
 
 def test_show_has_envelope_recipients_timeline_and_headers(filled: Filled) -> None:
@@ -135,7 +145,7 @@ def test_verbs_report_what_they_leave_alone(filled: Filled) -> None:
     result = filled.smapq("queue", "release", "M3", "M5", check=False)
     assert result.returncode == 1
     assert "M5: held -> received" in result.stdout
-    assert "M3: unchanged (received): not held" in result.stdout
+    assert "M3: unchanged (deferred): not held" in result.stdout
     assert "1 of 2 message(s) left unchanged" in result.stderr
     hold = filled.smapq("queue", "hold", "M6", check=False)
     assert hold.returncode == 1 and "in delivery" in hold.stdout
