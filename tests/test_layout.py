@@ -109,3 +109,102 @@ def test_migrations_are_found_outside_the_source_tree(tmp_path: Path) -> None:
     )
     assert proc.returncode == 0, proc.stderr
     assert "created database at schema 0001" in proc.stdout
+
+
+# --- the import contract: which package may import which ---------------------------
+# Each smapq package and the smapq (first-party) modules it may import, at run time or
+# for types.  The receive/store seams stay where they are drawn: the intake core knows
+# no transport and no backend, the transports know no SQL dialect beyond the lean
+# intake backend, and nothing on the receiving side reaches the deliverer or reports.
+LAYERS: dict[str, tuple[str, ...]] = {
+    "smapq.smtp": ("smapq.smtp",),
+    "smapq.config": ("smapq.config", "smapq.errors"),
+    "smapq.intake": ("smapq.intake", "smapq.smtp", "smapq.errors", "smapq.store.ids"),
+    "smapq.receive": (
+        "smapq.receive",
+        "smapq.intake",
+        "smapq.smtp",
+        "smapq.config",
+        "smapq.errors",
+        "smapq.store.intake_sqlite",
+        "smapq.serve.main",  # smap -daemon, imported only for that spelling
+    ),
+    "smapq.serve": (
+        "smapq.serve",
+        "smapq.intake",
+        "smapq.smtp",
+        "smapq.config",
+        "smapq.errors",
+        "smapq.receive.jail",
+        "smapq.receive.logsink",
+        "smapq.store.intake_sqlite",
+    ),
+}
+# Modules of smapq.store that the receiving side may use: stdlib-only, no SQLAlchemy.
+LEAN_STORE = (
+    "smapq.store.intake_sqlite",
+    "smapq.store.rendered",
+    "smapq.store.writelock",
+    "smapq.store.ids",
+)
+NEVER_FROM_INTAKE = ("asyncio", "sqlalchemy", "click", "sqlite3", "_sqlite3", "socket", "ssl")
+
+
+def _imports(path: Path) -> set[str]:
+    """Every module ``path`` imports, anywhere in the file (functions and TYPE_CHECKING too)."""
+    import ast
+
+    tree = ast.parse(path.read_text())
+    found = set()
+    package = ".".join(path.relative_to(ROOT).with_suffix("").parts[:-1])
+    for node in ast.walk(tree):
+        if isinstance(node, ast.Import):
+            found.update(alias.name for alias in node.names)
+        elif isinstance(node, ast.ImportFrom):
+            base = node.module or ""
+            if node.level:
+                parts = package.split(".")[: len(package.split(".")) - node.level + 1]
+                base = ".".join([*parts, base]) if base else ".".join(parts)
+            for alias in node.names:  # "from a import b": a.b if that is a module, else a
+                full = f"{base}.{alias.name}"
+                found.add(full if _is_module(full) else base)
+    return found
+
+
+def _is_module(name: str) -> bool:
+    if not name.startswith("smapq."):
+        return False
+    path = ROOT / name.replace(".", "/")
+    return path.with_suffix(".py").exists() or (path / "__init__.py").exists()
+
+
+def _allowed(module: str, allowed: tuple[str, ...]) -> bool:
+    return any(module == a or module.startswith(a + ".") for a in allowed)
+
+
+@pytest.mark.parametrize("package", sorted(LAYERS))
+def test_import_contract(package: str) -> None:
+    allowed = (*LAYERS[package], *LEAN_STORE)
+    broken = []
+    for path in sorted((ROOT / package.replace(".", "/")).rglob("*.py")):
+        for module in sorted(_imports(path)):
+            # "smapq" itself is the version string; every other module is checked.
+            if module.startswith("smapq.") and not _allowed(module, allowed):
+                broken.append(f"{path.relative_to(ROOT)} imports {module}")
+    assert not broken, "\n".join(broken)
+
+
+def test_the_intake_core_does_no_io_and_knows_no_backend() -> None:
+    for path in sorted((ROOT / "smapq/intake").rglob("*.py")):
+        used = {m.split(".")[0] for m in _imports(path)}
+        assert not used & set(NEVER_FROM_INTAKE), (path, used & set(NEVER_FROM_INTAKE))
+        assert not {m for m in _imports(path) if m.startswith("smapq.store.intake_")}, path
+
+
+def test_nothing_outside_the_transports_imports_them() -> None:
+    for path in sorted((ROOT / "smapq").rglob("*.py")):
+        rel = path.relative_to(ROOT).as_posix()
+        if rel.startswith(("smapq/receive/", "smapq/serve/")):
+            continue
+        transports = {m for m in _imports(path) if m.startswith(("smapq.receive", "smapq.serve"))}
+        assert not transports, (rel, transports)

@@ -246,7 +246,7 @@ KEYS: tuple[Key, ...] = (
         "seconds",
         3600,
         "longest SMTP session, then 421 4.4.2",
-        lo=10,
+        lo=1,
         hi=7 * 86400,
     ),
     Key("sendmail", (SMAPD,), "path", "/usr/lib/sendmail", "program that delivers a message"),

@@ -119,7 +119,16 @@ def _parse_args(argv: list[str]) -> str | None:
 class InetdReceiver:
     """One SMTP connection on fd 0/1 from start-up to exit."""
 
-    __slots__ = ("closed_fds", "hostname", "intake", "log", "stalled", "store", "wait")
+    __slots__ = (
+        "closed_fds",
+        "deadline",
+        "hostname",
+        "intake",
+        "log",
+        "stalled",
+        "store",
+        "wait",
+    )
 
     def __init__(self) -> None:
         self.hostname = os.uname().nodename
@@ -129,6 +138,7 @@ class InetdReceiver:
         self.wait: float | None = None  # smap: timeout, None for none (FWTK's 0)
         self.stalled = False
         self.closed_fds = False
+        self.deadline = 0.0  # end of the session (smap: sessiontime), monotonic
 
     # --- start-up ---
     def start(self, table: str | None) -> None:
@@ -164,6 +174,7 @@ class InetdReceiver:
         )
         self.intake = Intake(site, addr, port)
         self.wait = float(smap.timeout) if smap.timeout > 0 else None
+        self.deadline = time.monotonic() + smap.sessiontime
         if not smap.jail:
             note = f"jail off: not chrooted into {smap.directory} (smap: jail off)"
             _say("smap: " + note)
@@ -202,9 +213,15 @@ class InetdReceiver:
             os.set_blocking(1, False)  # so write() can time out (see there)
         ok = self.write(intake.greeting())
         while ok and not intake.closed:
-            if wait is not None and not select.select([0], [], [], wait)[0]:
-                self.write(intake.timeout())
+            left = self.deadline - time.monotonic()
+            if left <= 0:
+                self.write(intake.expire())
                 break
+            if not select.select([0], [], [], left if wait is None else min(wait, left))[0]:
+                if wait is not None and wait <= left:
+                    self.write(intake.timeout())
+                    break
+                continue  # the session's time is up: said at the top of the loop
             try:
                 data = os.read(0, READ_SIZE)
             except BlockingIOError:

@@ -163,6 +163,10 @@ class Supervisor:
             self.stopping_since = time.monotonic()
             self.say(LOG_INFO, f"stopping: sessions have {self.grace:.0f}s to finish")
             self.respawn_at.clear()
+            # No new connections from now on: refused at once, not left in a backlog
+            # that no worker accepts from any more.
+            for sock in self.sockets:
+                sock.close()
         self.signal_all(signal.SIGTERM)
 
     # --- main loop ---

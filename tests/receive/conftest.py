@@ -34,6 +34,14 @@ class Rig:
             assert greeting.startswith(b"220 "), greeting
         return c
 
+    def hostname(self) -> bytes:
+        """The name in the banner (the tests' tables set none: the machine's)."""
+        return os.uname().nodename.encode()
+
+    def wait_sessions(self, n: int, timeout: float = 60) -> None:
+        """Wait until smapq serve holds exactly ``n`` connections."""
+        wait_until(lambda: self.server.established() == n, timeout, f"not {n} sessions")
+
     def idle(self, timeout: float = 120) -> None:
         """Wait until every session ended and wrote its last events: the client sees
         EOF before the session's last audit events are committed, by design (the
@@ -73,7 +81,12 @@ def rig_factory(open_dir: Path) -> Iterator[Callable[..., Rig]]:
     rigs: list[Rig] = []
     count = 0
 
-    def make(extra: str = "", kind: str = "inetd", spool: Spool | None = None) -> Rig:
+    def make(
+        extra: str = "",
+        kind: str = "inetd",
+        spool: Spool | None = None,
+        serve_args: tuple[str, ...] = ("--grace", "2"),
+    ) -> Rig:
         nonlocal count
         if not installed(kind):
             pytest.skip(f"{kind} is not installed (.ci/run installs it)")
@@ -82,7 +95,7 @@ def rig_factory(open_dir: Path) -> Iterator[Callable[..., Rig]]:
         root.mkdir(mode=0o755)
         spool = spool or spool_for_receiver(root, extra)
         if kind == SERVE:
-            argv = [program("smapq"), "-t", str(spool.table), "serve", "--grace", "2"]
+            argv = [program("smapq"), "-t", str(spool.table), "serve", *serve_args]
         else:
             argv = [program("smap"), "-t", str(spool.table)]
         server = SuperServer(kind, argv, root)
