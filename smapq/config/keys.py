@@ -205,6 +205,13 @@ KEYS: tuple[Key, ...] = (
         lo=1,
         hi=100000,
     ),
+    Key(
+        "strictpipelining",
+        (SMAP,),
+        "bool",
+        True,
+        "554 and close when a client sends ahead where PIPELINING does not allow it",
+    ),
     # --- smapq serve: limits at the door (Postfix's anvil defaults) -------------------
     Key(
         "maxsessions",

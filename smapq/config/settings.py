@@ -78,6 +78,7 @@ class SmapSettings(Settings):
     jail: bool
     maxerrors: int
     minfree: int
+    strictpipelining: bool
     maxsessions: int
     maxperclient: int
     clientrate: int

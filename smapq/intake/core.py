@@ -63,7 +63,16 @@ if TYPE_CHECKING:
 class Site:
     """What every connection of one process shares: limits, names, the log sink."""
 
-    __slots__ = ("free_space", "hostname", "log", "maxbytes", "maxerrors", "maxrecip", "reserve")
+    __slots__ = (
+        "free_space",
+        "hostname",
+        "log",
+        "maxbytes",
+        "maxerrors",
+        "maxrecip",
+        "reserve",
+        "strict_sync",
+    )
 
     def __init__(
         self,
@@ -74,6 +83,7 @@ class Site:
         reserve: int = 0,
         log: LogSink | None = None,
         free_space: Callable[[], int | None] | None = None,
+        strict_sync: bool = True,
     ) -> None:
         self.hostname = hostname
         self.maxbytes = maxbytes
@@ -82,6 +92,7 @@ class Site:
         self.reserve = reserve
         self.log = log
         self.free_space = free_space
+        self.strict_sync = strict_sync
 
 
 def received_header(env: Envelope, addr: str, hostname: str, queue_id: str, now: float) -> str:
@@ -106,7 +117,9 @@ class Intake:
         self.addr = addr
         self.port = port
         self.audit = Audit(new_session_id(), addr, site.log)
-        self.session = Session(site.hostname, site.maxbytes, site.maxrecip, site.maxerrors)
+        self.session = Session(
+            site.hostname, site.maxbytes, site.maxrecip, site.maxerrors, site.strict_sync
+        )
         if site.free_space is not None:
             self.session.mail_check = self._space_check
         self.pending: Submission | None = None

@@ -72,8 +72,8 @@ def _is_ip(text: str) -> bool:
     return False
 
 
-def enter(directory: str, chroot: bool, uid: int | None, gid: int | None) -> None:
-    """Chroot (when ``chroot``) and drop to uid/gid; raises JailError on any failure."""
+def preflight(chroot: bool, uid: int | None) -> None:
+    """Refuse, before anything is done, a jail that ``enter`` could not make."""
     root = os.geteuid() == 0
     if chroot and not root:
         raise JailError(
@@ -81,6 +81,12 @@ def enter(directory: str, chroot: bool, uid: int | None, gid: int | None) -> Non
         )
     if root and uid is None:
         raise JailError("smap: userid is not set; smap will not serve mail as root")
+
+
+def enter(directory: str, chroot: bool, uid: int | None, gid: int | None) -> None:
+    """Chroot (when ``chroot``) and drop to uid/gid; raises JailError on any failure."""
+    preflight(chroot, uid)
+    root = os.geteuid() == 0
     try:
         if chroot:
             os.chroot(directory)

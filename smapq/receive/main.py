@@ -171,6 +171,7 @@ class InetdReceiver:
             smap.reserve,
             sink_or_none(self.log),
             store.free_space,
+            smap.strictpipelining,
         )
         self.intake = Intake(site, addr, port)
         self.wait = float(smap.timeout) if smap.timeout > 0 else None

@@ -19,6 +19,7 @@ import sys
 from smapq.config.netperm import table_path
 from smapq.config.settings import load
 from smapq.errors import EX_USAGE, SmapqError, TempError, UsageError
+from smapq.receive import jail
 from smapq.serve import listeners
 from smapq.serve.supervisor import Supervisor
 
@@ -46,8 +47,7 @@ def run(
         raise UsageError("smapq serve queues only into an SQLite file (smap: database)")
     if not os.path.exists(smap.database_path):
         raise TempError(f"no queue database at {smap.database_path}: run 'smapq init' first")
-    if os.geteuid() != 0 and smap.jail:
-        raise UsageError("the jail needs root: run smapq serve as root, or set 'smap: jail off'")
+    jail.preflight(smap.jail, smap.userid)
     sockets = listeners.open_all(listen)
     return Supervisor(path, sockets, workers, grace, loop).run()
 

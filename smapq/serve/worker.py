@@ -189,6 +189,7 @@ def _site(smap: SmapSettings, log: LogSink, store: SqliteIntake) -> Site:
         smap.reserve,
         sink_or_none(log),
         store.free_space,
+        smap.strictpipelining,
     )
 
 

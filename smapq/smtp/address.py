@@ -5,9 +5,14 @@ parameters, or into a reason for refusal.  Every address that later reaches
 sendmail's argv passed through ``check_mailbox``.
 
 Security: refuses a mailbox that starts with ``-`` (it would become a sendmail
-option; FWTK smapd only skipped such recipients), any control character (log and
-header injection), paths longer than RFC 5321 allows, and non-ASCII unless the
-client announced SMTPUTF8.  Source routes are accepted and ignored (RFC 5321 3.3).
+option; FWTK smapd only skipped such recipients), also inside quotes
+(``"-oQ/tmp"@x``), a quoted local part that starts with a space (``" root"@x``:
+programs behind sendmail strip quotes and spaces in different ways), any control
+character (log and header injection, NUL included), paths longer than RFC 5321
+allows, and non-ASCII unless the client announced SMTPUTF8.  Source routes are
+accepted and ignored (RFC 5321 3.3).  A path without angle brackets is accepted
+up to the first space, as Postfix does by default (strict_rfc821_envelopes = no):
+old clients still send it, and it cannot smuggle anything a bracketed one cannot.
 
 Standards: RFC 5321 4.1.2 (Path, Mailbox, Dot-string, Quoted-string, Domain,
 address-literal), 4.5.3.1 (sizes), RFC 6531 3.3 (UTF-8 in addresses).
@@ -124,8 +129,18 @@ def check_mailbox(mailbox: bytes, utf8: bool) -> int:
     if at <= 0:
         return SYNTAX
     local = mailbox[:at]
-    ok = _quoted_ok(local, utf8) if local[:1] == b'"' else _dot_string_ok(local, utf8)
-    if not ok:
+    if local[:1] == b'"':
+        if not _quoted_ok(local, utf8):
+            return SYNTAX
+        # Quotes are the one way a space or a leading "-" gets into a mailbox; the
+        # programs behind sendmail strip them (and the space) differently, so a
+        # quoted local part must not start with either.
+        first = local[2:3] if local[1:2] == b"\\" else local[1:2]  # past one escape
+        if first == b"-":
+            return DASH
+        if first == b" ":
+            return SYNTAX
+    elif not _dot_string_ok(local, utf8):
         return SYNTAX
     domain = mailbox[at + 1 :]
     if domain[:1] == b"[":

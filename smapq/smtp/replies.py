@@ -79,12 +79,16 @@ R552_TOO_BIG = b"552 5.3.4 Message size exceeds fixed limit\r\n"
 # --- end of DATA refusals (sent only after the final <CRLF>.<CRLF>) ----------------------
 R550_BARE_NEWLINE = b"550 5.5.2 Error: bare <CR> or <LF> in message data\r\n"
 R500_DATA_LINE_TOO_LONG = b"500 5.5.2 Error: message line longer than 1000 octets\r\n"
+# RFC 5322 and RFC 6152 (8BITMIME) allow no NUL in a message; sendmail and the programs
+# it feeds may cut the message at one.
+R550_NUL = b"550 5.6.0 Error: NUL character in message data\r\n"
 
 # --- storage outcomes (chosen by the driver, sent by the session) ----------------------
 R451_STORE_FAILED = b"451 4.3.0 Error: queue file write error, try again later\r\n"
 R452_NO_SPACE = b"452 4.3.1 Insufficient system storage\r\n"
 
 # --- other commands ----------------------------------------------------------------------
+R554_SYNC = b"554 5.5.0 Error: SMTP protocol synchronization\r\n"  # Postfix's text
 R500_UNRECOGNIZED = b"500 5.5.1 Command unrecognized\r\n"  # smap: "500 Command unrecognized"
 R500_COMMAND_TOO_LONG = b"500 5.5.2 Error: command line too long\r\n"
 R252_VRFY = b"252 2.5.0 Cannot VRFY user; send mail and delivery will be attempted\r\n"

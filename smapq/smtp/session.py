@@ -80,9 +80,12 @@ _PENDING = 4  # a message waits for the driver's storage outcome
 _CLOSED = 5
 
 _DOT_END = b"\r\n.\r\n"
+# RFC 2920 3.1: commands that may only be the last of a pipelined group.
+_LAST_IN_GROUP = frozenset(("HELO", "EHLO", "DATA", "NOOP", "VRFY", "EXPN"))
 _DATA_REASONS = {
     R.R552_TOO_BIG: "message over maxbytes",
     R.R550_BARE_NEWLINE: "bare CR or LF in message data",
+    R.R550_NUL: "NUL character in message data",
     R.R500_DATA_LINE_TOO_LONG: "message line too long",
 }
 _SHOW = bytes(b if 0x20 <= b != 0x7F else 0x3F for b in range(256))
@@ -156,6 +159,7 @@ class Session:
         "max_bytes",
         "max_recipients",
         "pending",
+        "strict_sync",
     )
 
     def __init__(
@@ -164,11 +168,15 @@ class Session:
         max_bytes: int = -1,
         max_recipients: int = -1,
         error_limit: int = limits.ERROR_LIMIT,
+        strict_sync: bool = False,
     ) -> None:
         self.hostname = hostname.encode("ascii", "replace")
         self.max_bytes = max_bytes
         self.max_recipients = max_recipients
         self.error_limit = error_limit
+        # Refuse commands sent ahead of our reply where PIPELINING does not allow it
+        # (Postfix's smtpd_forbid_unauth_pipelining): see _out_of_sync.
+        self.strict_sync = strict_sync
         self.events: list[Event] = []
         self.pending: Envelope | None = None
         # The driver's check before a sender is accepted (free spool space): a refusal
@@ -273,7 +281,7 @@ class Session:
                     self._error(R.R500_COMMAND_TOO_LONG, "command line too long")
                     continue
                 end = nl - 1 if nl > start and buf[nl - 1] == 0x0D else nl
-                self._command(bytes(buf[start:end]))
+                self._command(bytes(buf[start:end]), nl + 1 < len(buf))
             elif state == _SKIP:
                 nl = buf.find(b"\n", self._pos)
                 if nl < 0:
@@ -293,16 +301,35 @@ class Session:
         out = self._out
         return out[0] if len(out) == 1 else b"".join(out)
 
-    def _command(self, line: bytes) -> None:
+    def _command(self, line: bytes, more: bool) -> None:
+        """Run one command line; ``more``: the client sent input after it already."""
         sp = line.find(b" ")
         verb, arg = (line, b"") if sp < 0 else (line[:sp], line[sp + 1 :])
         handler: Callable[[bytes], None] | None = None
+        name = verb.decode("ascii", "replace").upper()
+        if more and self.strict_sync and (not self._esmtp or name in _LAST_IN_GROUP):
+            self._out_of_sync(name)
+            return
         if verb.isalpha():
-            handler = getattr(self, "smtp_" + verb.decode("ascii").upper(), None)
+            handler = getattr(self, "smtp_" + name, None)
         if handler is None:
             self._error(R.R500_UNRECOGNIZED, "command unrecognized: " + show(line[:40]))
         else:
             handler(arg)
+
+    def _out_of_sync(self, after: str) -> None:
+        """Input arrived before our reply where PIPELINING does not allow it.
+
+        RFC 2920 3.1: EHLO, DATA, VRFY, EXPN and NOOP end a pipelined group, and
+        without EHLO's PIPELINING there is no group at all; a client that sends ahead
+        anyway is a spam engine or a smuggling probe (Postfix's
+        smtpd_forbid_unauth_pipelining, on by default since 3.9).  554 and close,
+        nothing of what it sent ahead is executed.
+        """
+        what = show(after.encode()[:20]) or "the greeting"
+        self.events.append(("reject", f"improper command pipelining after {what}", "", 554))
+        self._reply(R.R554_SYNC)
+        self._close("protocol synchronization")
 
     # --- replies, errors, events ---
     def _r(self, reply: bytes) -> bytes:
@@ -545,6 +572,9 @@ class Session:
                 self._discard(R.R552_TOO_BIG)
             return False
         end = i + 2
+        if self.strict_sync and not self._esmtp and len(buf) > end + 3:
+            self._out_of_sync("the end of data")  # a HELO session may not pipeline
+            return False
         reply = self._data_reply if self._state == _DISCARD else self._finish(end)
         del buf[: end + 3]
         self._scan = 0
@@ -568,6 +598,8 @@ class Session:
         cr = buf.count(b"\r", 2, end)
         if cr != buf.count(b"\n", 2, end) or cr != buf.count(b"\r\n", 2, end):
             return R.R550_BARE_NEWLINE
+        if buf.find(b"\0", 2, end) >= 0:
+            return R.R550_NUL
         raw = buf[:end]
         if b"\r\n." in raw:
             raw = raw.replace(b"\r\n.", b"\r\n")

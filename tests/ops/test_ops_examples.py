@@ -303,3 +303,67 @@ def test_examples_name_the_installed_programs() -> None:
         if path.is_file():
             for prog in re.findall(r"/opt/smapq/bin/([a-z-]+)", path.read_text()):
                 assert os.path.exists(program(prog)), f"{path}: no program {prog}"
+
+
+def test_serve_units_verify_and_serve_under_socket_activation(
+    open_dir: Path, tmp_path: Path
+) -> None:
+    """smapq-serve.socket (Accept=no) + smapq-serve.service: systemd checks both, and
+    the service's command serves mail from the sockets socket activation passes."""
+    from tests.receive.conftest import spool_for_receiver
+    from tests.receive.superserver import SOCKET_ACTIVATE, Client, free_port
+
+    spool = spool_for_receiver(open_dir)  # as root: jailed as nobody, as installed
+
+    socket_unit = EXAMPLES / "systemd" / "smapq-serve.socket"
+    service = EXAMPLES / "systemd" / "smapq-serve.service"
+    assert unit_lines(socket_unit)["Accept"] == ["no"]
+    (start,) = unit_lines(service)["ExecStart"]
+    assert start.startswith(f"{INSTALLED}smapq -t {TABLE} serve ")
+    for unit in (socket_unit, service):
+        (tmp_path / unit.name).write_text(unit.read_text().replace(INSTALLED, f"{BIN}/"))
+    verify = subprocess.run(
+        ["systemd-analyze", "verify", "--man=no", str(tmp_path / service.name)],
+        capture_output=True,
+        text=True,
+        timeout=60,
+        check=False,
+    )
+    assert verify.returncode == 0, verify.stderr
+    port = free_port()
+    argv = shlex.split(start.replace(INSTALLED, f"{BIN}/").replace(TABLE, str(spool.table)))
+    argv[argv.index("--grace") + 1] = "1"
+    proc = subprocess.Popen(
+        [SOCKET_ACTIVATE, "-l", f"127.0.0.1:{port}", *argv],
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
+    try:
+        import socket
+
+        def connect() -> socket.socket | None:
+            try:
+                return socket.create_connection(("127.0.0.1", port), timeout=60)
+            except ConnectionRefusedError:  # systemd-socket-activate is not bound yet
+                assert proc.poll() is None
+                return None
+
+        c = Client(wait_for(connect, what="the socket is not bound"))
+        assert c.reply().startswith(b"220 ")
+        c.cmd(b"EHLO c")
+        c.cmd(b"MAIL FROM:<a@b.c>")
+        c.cmd(b"RCPT TO:<d@e.f>")
+        c.cmd(b"DATA")
+        assert c.cmd(b"hi\r\n.").startswith(b"250 ")
+        c.cmd(b"QUIT")
+        c.close()
+        proc.send_signal(signal.SIGHUP)  # ExecReload
+        proc.send_signal(signal.SIGTERM)
+        assert proc.wait(timeout=60) == 0
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
+        if proc.stderr:
+            proc.stderr.close()

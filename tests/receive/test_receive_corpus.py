@@ -111,21 +111,19 @@ def test_smtputf8_message_is_received_with_utf8smtp(rig: Rig) -> None:
 
 def test_pipelined_ehlo_session_with_two_messages(any_rig: Rig) -> None:
     c = any_rig.client()
-    c.send(
-        b"EHLO c.example\r\nMAIL FROM:<a@x.example> BODY=8BITMIME\r\n"
-        b"RCPT TO:<b@y.example>\r\nDATA\r\n"
-    )
-    assert c.reply().startswith(b"250-")
+    assert c.cmd(b"EHLO c.example").startswith(b"250-")  # EHLO ends a group (RFC 2920)
+    c.send(b"MAIL FROM:<a@x.example> BODY=8BITMIME\r\nRCPT TO:<b@y.example>\r\nDATA\r\n")
     assert c.reply() == R.R250_SENDER_OK % b"<a@x.example>"
     assert c.reply() == R.R250_RCPT_OK % b"<b@y.example>"
     assert c.reply() == R.R354_DATA
-    # The client (wrongly) pipelines past the dot: those commands wait for the COMMIT.
-    c.send(b"one \xe9\r\n.\r\nMAIL FROM:<>\r\nRCPT TO:<postmaster>\r\nDATA\r\n.\r\nQUIT\r\n")
+    # The next group follows the dot at once: those commands wait for the COMMIT.
+    c.send(b"one \xe9\r\n.\r\nMAIL FROM:<>\r\nRCPT TO:<postmaster>\r\nDATA\r\n")
     first = c.reply()
     assert first.startswith(b"250 2.0.0 Mail accepted, queued as ")
     assert c.reply() == R.R250_SENDER_OK % b"<>"
     assert c.reply() == R.R250_RCPT_OK % b"<postmaster>"
     assert c.reply() == R.R354_DATA
+    c.send(b".\r\nQUIT\r\n")
     assert c.reply().startswith(b"250 2.0.0 Mail accepted")
     assert c.reply() == R.R221_BYE
     assert c.eof()
@@ -208,12 +206,13 @@ def test_sequence_and_syntax_errors_then_too_many(
 
 def test_idle_timeout_421(rig_factory: Callable[..., Rig], transport: str) -> None:
     rig = rig_factory("smap: timeout 1\n", kind=transport)
-    # All of it is sent before the banner is read: however late this process runs, the
-    # receiver has it all before its timer starts, so it times out in DATA.
-    c = rig.client(banner=False)
-    c.send(b"EHLO c\r\nMAIL FROM:<a@b.c>\r\nRCPT TO:<d@e.f>\r\nDATA\r\nhalf a message\r\n")
+    c = rig.client()
+    c.cmd(b"EHLO c")
+    # A group ending in DATA, then half a message: it times out in DATA.
+    c.send(b"MAIL FROM:<a@b.c>\r\nRCPT TO:<d@e.f>\r\nDATA\r\n")
     while not (reply := c.reply()).startswith(b"354 "):
-        assert reply[:1] in (b"2", b"3"), reply
+        assert reply[:1] == b"2", reply
+    c.send(b"half a message\r\n")
     assert c.reply().startswith(b"421 4.4.2 ")
     assert c.eof()
     assert rig.rows("SELECT count(*) FROM messages") == [(0,)]
@@ -311,13 +310,14 @@ def test_client_that_never_reads_is_dropped(
     # A small receive buffer and nothing read, not even the banner: the receiver's
     # replies fill the buffers long before it has read what the first sendall queued,
     # so it blocks writing (never waits a second for input), however this process runs.
-    c = rig.client(banner=False, rcvbuf=4096)
+    c = rig.client(rcvbuf=4096)
+    c.cmd(b"EHLO c")
     c.sock.settimeout(2)
     # Up to maxrecip, RCPTs are neither junk nor errors: only their long replies pile up
     # (26 MB of them, more than both socket buffers hold).
     flood = (b"RCPT TO:<" + b"r" * 240 + b"@e.f>\r\n") * 1000
     try:
-        c.sock.sendall(b"EHLO c\r\nMAIL FROM:<a@b.c>\r\n" + flood)
+        c.sock.sendall(b"MAIL FROM:<a@b.c>\r\n" + flood)
         for _ in range(99):
             c.sock.sendall(flood)
     except TimeoutError:
@@ -430,7 +430,8 @@ def test_events_past_the_flush_size_are_all_written_in_order(
     rig = rig_factory("smap: maxrecip 2000\n", kind=transport)
     c = rig.client()
     txn = b"MAIL FROM:<a@b.c>\r\n" + b"".join(b"RCPT TO:<r%d@e.f>\r\n" % i for i in range(700))
-    c.send(b"EHLO c\r\n" + (txn + b"RSET\r\n") * 2 + txn + b"DATA\r\n")
+    c.cmd(b"EHLO c")
+    c.send((txn + b"RSET\r\n") * 2 + txn + b"DATA\r\n")
     while c.reply() != R.R354_DATA:
         pass
     qid = c.cmd(b"x\r\n.").split()[-1].decode()
@@ -442,3 +443,79 @@ def test_events_past_the_flush_size_are_all_written_in_order(
         ["connect", "helo", *txn_kinds, *txn_kinds, *txn_kinds, "accept", "disconnect"]
     )
     assert [q for _, q in rows] == [None] * (2 + 2 * 701) + [qid] * 702 + [None]
+
+
+SENT_AHEAD = [
+    # (what the client sends at once after the banner, the command it came after)
+    (b"HELO c\r\nMAIL FROM:<a@b.c>\r\n", b"HELO"),  # no PIPELINING without EHLO
+    (b"EHLO c\r\nMAIL FROM:<a@b.c>\r\n", b"EHLO"),  # before EHLO's reply offered it
+    (b"MAIL FROM:<a@b.c>\r\nRCPT TO:<d@e.f>\r\n", b"MAIL"),  # no EHLO at all
+]
+
+
+@pytest.mark.parametrize(("ahead", "after"), SENT_AHEAD, ids=["helo", "ehlo", "none"])
+def test_unauthorised_pipelining_is_554_and_nothing_runs(
+    rig: Rig, ahead: bytes, after: bytes
+) -> None:
+    c = rig.client()
+    c.send(ahead)
+    assert c.reply() == R.plain(R.R554_SYNC)
+    assert c.eof()
+    assert rig.rows("SELECT kind, code, detail FROM events ORDER BY id") == [
+        ("connect", 220, None),
+        ("reject", 554, "improper command pipelining after " + after.decode()),
+        ("disconnect", None, "protocol synchronization"),
+    ]
+
+
+def test_data_before_354_and_commands_after_a_helo_dot_are_554(rig: Rig) -> None:
+    c = rig.client()
+    c.cmd(b"EHLO c")
+    c.send(b"MAIL FROM:<a@b.c>\r\nRCPT TO:<d@e.f>\r\nDATA\r\nsmuggled\r\n.\r\n")
+    assert c.reply() == R.R250_SENDER_OK % b"<a@b.c>"
+    assert c.reply() == R.R250_RCPT_OK % b"<d@e.f>"
+    assert c.reply() == R.R554_SYNC  # DATA ends a group: the body came before 354
+    assert c.eof()
+    h = rig.client()
+    h.cmd(b"HELO c")
+    h.cmd(b"MAIL FROM:<a@b.c>")
+    h.cmd(b"RCPT TO:<d@e.f>")
+    h.cmd(b"DATA")
+    h.send(b"body\r\n.\r\nMAIL FROM:<x@y.z>\r\n")  # a HELO session may not pipeline
+    assert h.reply() == R.plain(R.R554_SYNC)
+    assert h.eof()
+    assert rig.rows("SELECT count(*) FROM messages") == [(0,)]
+    assert sorted(rig.rows("SELECT detail FROM events WHERE code = 554")) == [
+        ("improper command pipelining after DATA",),
+        ("improper command pipelining after the end of data",),
+    ]
+
+
+def test_strictpipelining_off_takes_what_clients_send_ahead(
+    rig_factory: Callable[..., Rig], transport: str
+) -> None:
+    rig = rig_factory("smap: strictpipelining off\n", kind=transport)
+    c = rig.client()
+    c.send(b"EHLO c\r\nMAIL FROM:<a@b.c>\r\nRCPT TO:<d@e.f>\r\nDATA\r\nhi\r\n.\r\nQUIT\r\n")
+    replies = [c.reply() for _ in range(6)]
+    assert replies[4].startswith(b"250 2.0.0 Mail accepted")
+    assert replies[5] == R.R221_BYE
+    assert rig.rows("SELECT body FROM messages") == [(b"hi\r\n",)]
+
+
+def test_nul_in_message_data_is_refused(rig: Rig) -> None:
+    c = rig.client()
+    c.cmd(b"EHLO c")
+    c.cmd(b"MAIL FROM:<a@b.c>")
+    c.cmd(b"RCPT TO:<d@e.f>")
+    c.cmd(b"DATA")
+    assert c.cmd(b"a \0 b\r\n.") == R.R550_NUL
+    c.cmd(b"MAIL FROM:<a@b.c>")
+    c.cmd(b"RCPT TO:<d@e.f>")
+    c.cmd(b"DATA")
+    assert c.cmd(b"clean\r\n.").startswith(b"250 ")
+    c.cmd(b"QUIT")
+    assert rig.rows("SELECT body FROM messages") == [(b"clean\r\n",)]
+    assert rig.rows("SELECT detail, code FROM events WHERE kind = 'reject'") == [
+        ("NUL character in message data", 550)
+    ]

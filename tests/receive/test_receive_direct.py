@@ -14,6 +14,10 @@ from tests.receive.conftest import spool_for_receiver
 
 pytestmark = pytest.mark.integration
 
+# A whole session on a pipe arrives at once, as no client may send it over SMTP without
+# PIPELINING: these tests are about other things, so their tables allow it.
+PIPE = "smap: strictpipelining off\n"
+
 SEED = b"HELO c\r\nMAIL FROM:<a@b.c>\r\nRCPT TO:<d@e.f>\r\nDATA\r\nhi\r\n.\r\nQUIT\r\n"
 
 
@@ -62,7 +66,7 @@ def test_database_url_is_refused(open_dir: Path) -> None:
 
 
 def test_remote_addr_from_the_environment(open_dir: Path) -> None:
-    spool = spool_for_receiver(open_dir)
+    spool = spool_for_receiver(open_dir, PIPE)
     done = smap(
         "-t", str(spool.table), stdin=SEED, env={"REMOTE_ADDR": "192.0.2.7", "REMOTE_PORT": "4242"}
     )
@@ -87,7 +91,7 @@ def test_remote_addr_from_the_environment(open_dir: Path) -> None:
 def test_remote_addr_is_an_ip_address_or_nothing(
     open_dir: Path, remote: str, stored: str | None, literal: str
 ) -> None:
-    spool = spool_for_receiver(open_dir)
+    spool = spool_for_receiver(open_dir, PIPE)
     done = smap("-t", str(spool.table), stdin=SEED, env={"REMOTE_ADDR": remote})
     assert done.returncode == 0, done.stderr
     with sqlite3.connect(spool.db) as db:
@@ -98,14 +102,14 @@ def test_remote_addr_is_an_ip_address_or_nothing(
 
 
 def test_smap_table_from_environment(open_dir: Path) -> None:
-    spool = spool_for_receiver(open_dir)
+    spool = spool_for_receiver(open_dir, PIPE)
     done = smap(stdin=SEED, env={"SMAPQ_TABLE": str(spool.table)})
     assert done.returncode == 0, done.stderr
     assert done.stdout.startswith(b"220 ")
 
 
 def test_broken_schema_is_451_not_a_traceback(open_dir: Path) -> None:
-    spool = spool_for_receiver(open_dir)
+    spool = spool_for_receiver(open_dir, PIPE)
     with sqlite3.connect(spool.db) as db:
         db.execute("DROP TABLE recipients")
     done = smap("-t", str(spool.table), stdin=SEED)
@@ -124,7 +128,7 @@ def test_broken_schema_is_451_not_a_traceback(open_dir: Path) -> None:
 
 def test_null_sender_is_stored_alike_in_messages_and_every_event(open_dir: Path) -> None:
     """<> is '' in messages.mail_from, so in every event too (the reports match them)."""
-    spool = spool_for_receiver(open_dir, "smap: maxbytes 2048\n")
+    spool = spool_for_receiver(open_dir, PIPE + "smap: maxbytes 2048\n")
     dialogue = (
         b"EHLO c\r\nMAIL FROM:<>\r\nRCPT TO:<d@e.f>\r\nDATA\r\nx\r\n.\r\n"
         b"MAIL FROM:<> SIZE=4096\r\nMAIL FROM:<> FOO=1\r\n"
@@ -149,7 +153,7 @@ def test_null_sender_is_stored_alike_in_messages_and_every_event(open_dir: Path)
 
 
 def test_helo_names_are_details_not_addresses(open_dir: Path) -> None:
-    spool = spool_for_receiver(open_dir)
+    spool = spool_for_receiver(open_dir, PIPE)
     done = smap("-t", str(spool.table), stdin=b"HELO\r\nHELO a\x01b\r\nEHLO c.example\r\nQUIT\r\n")
     assert done.returncode == 0, done.stderr
     with sqlite3.connect(spool.db) as db:

@@ -62,6 +62,12 @@ BAD = [
     (b"<-oQ/tmp/x@b.c>", R.R553_SENDER_DASH, R.R553_RCPT_DASH),
     (b"-oQ/tmp@b.c", R.R553_SENDER_DASH, R.R553_RCPT_DASH),
     (b"<@r.example:-f@b.c>", R.R553_SENDER_DASH, R.R553_RCPT_DASH),
+    # Quotes are the only way to a leading "-" or space; both are refused.
+    (b'<"-oQ/tmp"@b.c>', R.R553_SENDER_DASH, R.R553_RCPT_DASH),
+    (b'<"\\-oQ"@b.c>', R.R553_SENDER_DASH, R.R553_RCPT_DASH),
+    (b'<" root"@b.c>', R.R501_BAD_SENDER, R.R501_BAD_RCPT),
+    (b'<"\\ root"@b.c>', R.R501_BAD_SENDER, R.R501_BAD_RCPT),
+    (b"< root@b.c>", R.R501_BAD_SENDER, R.R501_BAD_RCPT),
     (b"<\xc3\xa9@b.c>", R.R553_NEED_SMTPUTF8, R.R553_NEED_SMTPUTF8),
     (b"<" + b"a" * 250 + b"@b.cc>", R.R501_PATH_TOO_LONG, R.R501_PATH_TOO_LONG),
     (b"a" * 300 + b"@b.c", R.R501_PATH_TOO_LONG, R.R501_PATH_TOO_LONG),
