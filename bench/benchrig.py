@@ -16,8 +16,10 @@ raise ``RigError`` with one line saying what and why; callers print it and exit 
 
 from __future__ import annotations
 
+import argparse
 import contextlib
 import os
+import shlex
 import signal
 import socket
 import sqlite3
@@ -48,6 +50,7 @@ __all__ = [
     "RigError",
     "ServeServer",
     "Spool",
+    "add_rig_options",
     "free_port",
     "make_spool",
     "probe",
@@ -367,8 +370,9 @@ class ServeServer:
 
     def stop(self) -> None:
         """SIGTERM (serve drains its sessions), then SIGKILL the group after a deadline."""
-        _stop_group(self.proc)
-        _kill_group(self.proc, signal.SIGKILL)  # anything the leader left behind
+        if self.proc.returncode is None:
+            _stop_group(self.proc)
+            _kill_group(self.proc, signal.SIGKILL)  # anything the leader left behind
 
 
 class Deliverer:
@@ -401,3 +405,27 @@ class Deliverer:
         """SIGTERM and wait; the exit status (0 after a clean stop)."""
         _stop_group(self.proc)
         return self.proc.returncode
+
+
+def add_rig_options(group: argparse._ActionsContainer) -> None:
+    """The options both benches take to shape the smap/serve rig."""
+    group.add_argument(
+        "--serve-args", default="", help="extra serve arguments, e.g. '--workers 2'"
+    )
+    group.add_argument(
+        "--serve-command",
+        type=shlex.split,
+        default=None,
+        help="another listener instead of smapq serve; {table} {port} {bin} are filled in",
+    )
+    group.add_argument(
+        "--table-extra",
+        action="append",
+        default=[],
+        metavar="LINE",
+        help="netperm-table line for the smap/serve spools (repeatable)",
+    )
+    group.add_argument(
+        "--inetd-rate", type=int, default=1_000_000, help="openbsd-inetd nowait.N (starts/min)"
+    )
+    group.add_argument("--keep", type=Path, help="work in DIR and keep it")

@@ -53,6 +53,7 @@ from benchrig import (
     RigError,
     ServeServer,
     Spool,
+    add_rig_options,
     make_spool,
     serve_available,
     tree_cpu,
@@ -279,7 +280,8 @@ def report(
         f"smtp-source, {args.size}-byte bodies, 1 recipient, a new connection per message; "
         f"{per_cell} per cell; "
         f"median of {args.rounds} round(s), targets interleaved; smap {jail}; "
-        f"{checked} measured messages counted in the spools; run took {took / 60:.1f} min.",
+        f"{checked} measured messages counted in the spools; run took {took / 60:.1f} min; "
+        f"load average {args.load_before:.1f} before, {os.getloadavg()[0]:.1f} after.",
         "",
     ]
     ratio_note = " (ratio to Postfix, same round)" if "postfix" in names else ""
@@ -307,27 +309,10 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     )
     ap.add_argument("--messages", type=int, default=0, help="fixed messages per cell instead")
     ap.add_argument("--size", type=int, default=2048, help="body bytes (smtp-source -l)")
-    ap.add_argument("--serve-args", default="", help="extra serve arguments, e.g. '--workers 2'")
-    ap.add_argument(
-        "--serve-command",
-        type=shlex.split,
-        default=None,
-        help="another listener instead of smapq serve; {table} {port} {bin} are filled in",
-    )
-    ap.add_argument(
-        "--table-extra",
-        action="append",
-        default=[],
-        metavar="LINE",
-        help="netperm-table line for the smap/serve spools (repeatable)",
-    )
-    ap.add_argument(
-        "--inetd-rate", type=int, default=1_000_000, help="openbsd-inetd nowait.N (starts/min)"
-    )
+    add_rig_options(ap)
     ap.add_argument(
         "--maillog", action="store_true", help="Postfix log to DIR/maillog (costs CPU)"
     )
-    ap.add_argument("--keep", type=Path, help="work in DIR and keep it")
     ap.add_argument("--no-install", action="store_true", help="never apt-get install postfix")
     args = ap.parse_args(argv)
     try:
@@ -374,6 +359,7 @@ def run(args: argparse.Namespace, names: list[str], work: Path) -> str:
     cpu_ratios: dict[tuple[str, int], list[float]] = {}
     rates: dict[tuple[str, int], float] = {}
     t0 = time.monotonic()
+    args.load_before = os.getloadavg()[0]
     for n in range(1, args.rounds + 1):
         k = (n - 1) % len(names)
         cells = one_round(n, names[k:] + names[:k], args, work, results, rates)

@@ -44,6 +44,7 @@ from benchrig import (
     InetdServer,
     RigError,
     ServeServer,
+    add_rig_options,
     make_spool,
     serve_available,
     standin_sendmail,
@@ -473,20 +474,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     rig.add_argument(
         "--drain", type=float, default=10, help="seconds the deliverer may catch up after"
     )
-    rig.add_argument("--serve-args", default="", help="extra serve arguments, e.g. '--workers 2'")
-    rig.add_argument(
-        "--serve-command",
-        type=shlex.split,
-        default=None,
-        help="another listener instead of smapq serve; {table} {port} {bin} are filled in",
-    )
-    rig.add_argument(
-        "--table-extra", action="append", default=[], metavar="LINE", help="netperm-table line"
-    )
-    rig.add_argument(
-        "--inetd-rate", type=int, default=1_000_000, help="openbsd-inetd nowait.N (starts/min)"
-    )
-    rig.add_argument("--keep", type=Path, help="build the rig in DIR and keep it")
+    add_rig_options(rig)
     args = ap.parse_args(argv)
     if bool(args.target) == bool(args.rig):
         ap.error("give either HOST:PORT or --rig inetd|serve")
@@ -520,6 +508,8 @@ def main(argv: list[str] | None = None) -> int:
             args.host, args.port = rig.host, rig.port
         cfg = Config(args.host, args.port, args.per_connection, args.body_size, args.timeout)
         what = {"inetd": "smap under openbsd-inetd", "serve": "smapq serve"}.get(args.rig, "")
+        if args.rig == "serve" and args.serve_command:
+            what = "serve stand-in " + " ".join(args.serve_command)
         if rig and rig.deliverer:
             what += ", smapq deliver --daemon running"
         print(
