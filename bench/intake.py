@@ -281,7 +281,7 @@ def report(
         f"{per_cell} per cell; "
         f"median of {args.rounds} round(s), targets interleaved; smap {jail}; "
         f"{checked} measured messages counted in the spools; run took {took / 60:.1f} min; "
-        f"load average {args.load_before:.1f} before, {os.getloadavg()[0]:.1f} after.",
+        f"load average {args.load_before:.1f} when it started.",
         "",
     ]
     ratio_note = " (ratio to Postfix, same round)" if "postfix" in names else ""
