@@ -19,8 +19,9 @@ they must not turn away mail because a table is full.
 Counts are per worker slot so that the supervisor can forget a crashed worker's
 sessions at once (``clear``): a worker killed -9 never decremented its counts.
 
-Concurrency: every operation holds an flock on the memfd (a few microseconds per
-connection); workers are processes, not threads.
+Concurrency: client slots are changed under an flock on the memfd (a few
+microseconds per connection); each worker's session total is written only by that
+worker, so clients exempt from the per-client limits take no lock at all.
 
 Security: created before the jail; the workers only hold the descriptor and mapping.
 """
@@ -46,6 +47,7 @@ PROBE = 32
 RATE_WINDOW = 60.0  # seconds: clientrate counts connections per minute
 _KEY = struct.Struct("16s")
 _RATE = struct.Struct("dI")  # window start (monotonic seconds), connections in it
+_U32 = struct.Struct("I")
 
 
 def client_key(addr: str) -> bytes:
@@ -128,56 +130,71 @@ class Anvil:
         return not any(counts) and now - start >= RATE_WINDOW
 
     def admit(
-        self, worker: int, key: bytes, now: float, total: int, per_client: int, rate: int
+        self, worker: int, key: bytes | None, now: float, total: int, per_client: int, rate: int
     ) -> int:
-        """Count a new connection of ``key`` at ``worker``, or say which limit refuses it
-        (0 for a limit means none)."""
-        with self._locked():
-            mem = self.mem
-            index = self._find(key, now)
-            counts: list[int] = []
-            if index is not None:
-                off = self._offset(index) + 16
-                start, seen = _RATE.unpack_from(mem, off)
-                if now - start >= RATE_WINDOW:
-                    start, seen = now, 0
-                seen += 1  # refused attempts count too: a hammering client stays out
-                _RATE.pack_into(mem, off, start, seen)
-                if rate and seen > rate:
-                    return RATE
-                counts = list(self._counts.unpack_from(mem, off + _RATE.size))
-                if per_client and sum(counts) >= per_client:
-                    return TOO_MANY
-            live = list(self._header.unpack_from(mem, 0))
-            if total and sum(live) >= total:
-                return BUSY
-            live[worker] += 1
-            self._header.pack_into(mem, 0, *live)
-            if index is not None:
-                counts[worker] = min(counts[worker] + 1, 0xFFFF)
-                self._counts.pack_into(mem, self._offset(index) + 16 + _RATE.size, *counts)
-            return OK
+        """Count a new connection at ``worker``, or say which limit refuses it (0 for a
+        limit means none).  ``key`` None: a client the per-client limits do not apply
+        to (loopback), counted in the total only.
 
-    def release(self, worker: int, key: bytes, now: float) -> None:
+        Each worker writes only its own total, so the total needs no lock: a race
+        between workers may admit a connection or two past ``maxsessions``, never
+        lose count.  Client slots are shared, so they are changed under the lock."""
+        if key is not None:
+            with self._locked():
+                verdict = self._client(worker, key, now, per_client, rate)
+            if verdict != OK:
+                return verdict
+        if total and sum(self._header.unpack_from(self.mem, 0)) >= total:
+            if key is not None:
+                self._release_client(worker, key)
+            return BUSY
+        self._add_live(worker, 1)
+        return OK
+
+    def _client(self, worker: int, key: bytes, now: float, per_client: int, rate: int) -> int:
+        mem = self.mem
+        index = self._find(key, now)
+        if index is None:
+            return OK  # the table is full here: admitted uncounted (see the docstring)
+        off = self._offset(index) + 16
+        start, seen = _RATE.unpack_from(mem, off)
+        if now - start >= RATE_WINDOW:
+            start, seen = now, 0
+        seen += 1  # refused attempts count too: a hammering client stays out
+        _RATE.pack_into(mem, off, start, seen)
+        if rate and seen > rate:
+            return RATE
+        coff = off + _RATE.size
+        counts = list(self._counts.unpack_from(mem, coff))
+        if per_client and sum(counts) >= per_client:
+            return TOO_MANY
+        counts[worker] = min(counts[worker] + 1, 0xFFFF)
+        self._counts.pack_into(mem, coff, *counts)
+        return OK
+
+    def _add_live(self, worker: int, delta: int) -> None:
+        (live,) = _U32.unpack_from(self.mem, worker * 4)
+        _U32.pack_into(self.mem, worker * 4, max(0, live + delta))
+
+    def release(self, worker: int, key: bytes | None) -> None:
         """A connection admitted at ``worker`` has ended."""
+        self._add_live(worker, -1)
+        if key is not None:
+            self._release_client(worker, key)
+
+    def _release_client(self, worker: int, key: bytes) -> None:
         with self._locked():
-            mem = self.mem
-            live = list(self._header.unpack_from(mem, 0))
-            live[worker] = max(0, live[worker] - 1)
-            self._header.pack_into(mem, 0, *live)
             coff = self._counts_at(key)
             if coff is not None:
-                counts = list(self._counts.unpack_from(mem, coff))
+                counts = list(self._counts.unpack_from(self.mem, coff))
                 counts[worker] = max(0, counts[worker] - 1)
-                self._counts.pack_into(mem, coff, *counts)
+                self._counts.pack_into(self.mem, coff, *counts)
 
     def clear(self, worker: int) -> None:
         """Forget every session of ``worker`` (it exited, perhaps killed)."""
         with self._locked():
             mem = self.mem
-            live = list(self._header.unpack_from(mem, 0))
-            live[worker] = 0
-            self._header.pack_into(mem, 0, *live)
+            _U32.pack_into(mem, worker * 4, 0)
             for index in range(self.clients):
                 coff = self._offset(index) + 16 + _RATE.size
                 counts = list(self._counts.unpack_from(mem, coff))

@@ -6,7 +6,7 @@ the loop reads into one receive buffer shared by every connection of the worker
 session copies what it keeps), so an idle connection costs no read buffer and a busy
 one allocates nothing per read.  No coroutine per command: the core answers each
 ``buffer_updated`` synchronously; only the commit leaves the loop (smapq.serve.
-committer), and while it is on its way this connection stops reading.
+writer), and while it is on its way this connection stops reading.
 
 Memory per session is bounded: the session keeps at most about 4/3 of maxbytes of a
 message (smapq.smtp.session), reading pauses while a commit is outstanding and while
@@ -77,7 +77,7 @@ class Connection(asyncio.BufferedProtocol):
         self.worker = worker
         self.transport: asyncio.Transport | None = None
         self.intake: Intake | None = None
-        self.key = b""
+        self.key: bytes | None = None
         self.counted = False
         self.started = self.last = 0.0
         self.closing_since = 0.0
@@ -158,14 +158,14 @@ class Connection(asyncio.BufferedProtocol):
 
     # --- the intake's outcomes ---
     def _after(self, out: bytes) -> None:
-        """Send ``out``; hand a pending message to the committer; close when done."""
+        """Send ``out``; hand a pending message to the writer; close when done."""
         intake = self.intake
         transport = self.transport
         assert intake is not None
         if intake.pending is not None:
             if transport is not None:
                 transport.pause_reading()
-            self.worker.committer.submit(intake.pending, self)
+            self.worker.writer.submit(intake.pending, self)
         if transport is None:
             return
         if out:
@@ -175,10 +175,10 @@ class Connection(asyncio.BufferedProtocol):
         elif intake.pending is None:
             loose = intake.loose()
             if loose is not None:
-                self.worker.committer.log(loose)
+                self.worker.writer.log(loose)
 
     def committed(self, error: StoreError | None) -> None:
-        """The committer's outcome for our pending message (in the loop's thread)."""
+        """The writer's outcome for our pending message (in the loop's thread)."""
         intake = self.intake
         assert intake is not None
         try:
@@ -247,4 +247,4 @@ class Connection(asyncio.BufferedProtocol):
         assert intake is not None
         loose = intake.loose(everything=True)
         if loose is not None:
-            self.worker.committer.log(loose)
+            self.worker.writer.log(loose)

@@ -5,7 +5,7 @@ each runs the same start order as the inetd receiver -- read the netperm-table a
 root, open the log, import everything, chroot into the spool, setgroups([]), drop to
 smap's uid/gid and verify (smapq.receive.jail, the same code) -- then opens the queue
 inside the jail and serves the listening sockets it inherited with an event loop:
-many sessions, one writer thread (smapq.serve.committer).
+many sessions, one writer process (smapq.serve.writer).
 
 Limits: at the door, ``maxsessions`` / ``maxperclient`` / ``clientrate`` (counted for
 the whole server in smapq.serve.anvil; loopback clients skip the per-client ones
@@ -14,9 +14,9 @@ unless ``exemptloopback off``) answer 421 4.7.0 and close; in the session, the i
 enforces the timers, so no timer is armed per read.
 
 Stopping (SIGTERM): stop accepting at once, let sessions finish for ``grace``
-seconds, then answer 421 4.3.2 to the rest; messages already handed to the committer
+seconds, then answer 421 4.3.2 to the rest; messages already handed to the writer
 are committed and answered first (the core defers the end until then).  The worker
-exits 0 once every connection is gone and the committer has written everything.
+exits 0 once every connection is gone and the writer has written everything.
 
 Security: runs as root only until the jail; SIGHUP is the supervisor's business
 (it starts new workers with the re-read table and stops this one as above).
@@ -31,7 +31,6 @@ import asyncio
 import os
 import signal
 import socket
-import sys
 import time
 from typing import TYPE_CHECKING
 
@@ -43,10 +42,10 @@ from smapq.intake.port import StoreError
 from smapq.receive import jail
 from smapq.receive.logsink import LogSink, crash_report, sink_or_none
 from smapq.serve import anvil as A
-from smapq.serve.committer import GroupCommitter, LoopCommitter
 from smapq.serve.connection import LINGER, Connection
+from smapq.serve.writer import ProcessCommitter
 from smapq.smtp import replies as R
-from smapq.store.intake_sqlite import Checkpointer, SqliteIntake
+from smapq.store.intake_sqlite import free_space
 
 if TYPE_CHECKING:
     from smapq.config.settings import SmapSettings
@@ -70,7 +69,7 @@ def new_loop(kind: str) -> asyncio.AbstractEventLoop:
 
 
 class Worker:
-    """One serving process's state: settings, sessions, committer, limits."""
+    """One serving process's state: settings, sessions, writer, limits."""
 
     def __init__(
         self,
@@ -89,9 +88,10 @@ class Worker:
         self.grace = grace
         self.hostname = site.hostname.encode("ascii", "replace")
         self.sessions: set[Connection] = set()
-        self.committer: GroupCommitter  # set by serve()
+        self.writer: ProcessCommitter  # set by run_worker
         self.servers: list[asyncio.AbstractServer] = []
         self.stopping_at = 0.0
+        self.broken = False
         self.jail_note = (
             "" if smap.jail else f"jail off: not chrooted into {smap.directory} (smap: jail off)"
         )
@@ -104,10 +104,13 @@ class Worker:
         if self.stopping_at:
             return R.R421_SHUTDOWN % self.hostname, "server shutting down"
         exempt = smap.exemptloopback and addr.startswith(_LOOPBACK)
-        per_client = 0 if exempt else smap.maxperclient
-        rate = 0 if exempt else smap.clientrate
-        conn.key = A.client_key(addr)
-        verdict = self.anvil.admit(self.slot, conn.key, now, smap.maxsessions, per_client, rate)
+        if exempt or not (smap.maxperclient or smap.clientrate):
+            conn.key = None
+        else:
+            conn.key = A.client_key(addr)
+        verdict = self.anvil.admit(
+            self.slot, conn.key, now, smap.maxsessions, smap.maxperclient, smap.clientrate
+        )
         if verdict == A.OK:
             conn.counted = True
             return None
@@ -124,7 +127,7 @@ class Worker:
         self.sessions.discard(conn)
         if conn.counted:
             conn.counted = False
-            self.anvil.release(self.slot, conn.key, time.monotonic())
+            self.anvil.release(self.slot, conn.key)
         if self.stopping_at:
             self._maybe_done()
 
@@ -156,6 +159,12 @@ class Worker:
                 self._maybe_done()
 
     # --- stopping ---
+    def writer_lost(self) -> None:
+        """The queue writer died: nothing more can be accepted; end, to be replaced."""
+        self.broken = True
+        self.grace = 0.0
+        self.stop()
+
     def stop(self) -> None:
         """SIGTERM: stop accepting, let sessions finish within ``grace``."""
         if self.stopping_at:
@@ -167,7 +176,7 @@ class Worker:
         self._maybe_done()
 
     def _maybe_done(self) -> None:
-        if self.sessions or self.committer.outstanding:
+        if self.sessions or self.writer.outstanding:
             return
         if self.done is not None and not self.done.done():
             self.done.set_result(None)
@@ -180,7 +189,8 @@ def _loop_error(worker: Worker, context: dict[str, object]) -> None:
     worker.log(LOG_CRIT, text)
 
 
-def _site(smap: SmapSettings, log: LogSink, store: SqliteIntake) -> Site:
+def _site(smap: SmapSettings, log: LogSink, path: str) -> Site:
+    directory = os.path.dirname(path) or "."
     return Site(
         smap.hostname or os.uname().nodename,
         smap.maxbytes,
@@ -188,7 +198,7 @@ def _site(smap: SmapSettings, log: LogSink, store: SqliteIntake) -> Site:
         smap.maxerrors,
         smap.reserve,
         sink_or_none(log),
-        store.free_space,
+        lambda: free_space(directory),
         smap.strictpipelining,
     )
 
@@ -206,7 +216,6 @@ def run_worker(
         signal.signal(sig, signal.SIG_IGN)  # the supervisor's signals
     signal.signal(signal.SIGTERM, signal.SIG_DFL)
     signal.pthread_sigmask(signal.SIG_SETMASK, set())
-    sys.setswitchinterval(float(os.environ.get("SMAPQ_SWITCH", "0.005")))
     log = LogSink("smap")
     try:
         smap = load(table).smap
@@ -221,9 +230,6 @@ def run_worker(
             )
         loop = new_loop(loop_kind)
         jail.enter(smap.directory, smap.jail, smap.userid, smap.groupid)
-        path = smap.database_in_jail
-        store = SqliteIntake(path, lock_wait=None, autocheckpoint=False)
-        checkpointer = Checkpointer(path)
     except ConfigError as exc:
         log.failure(LOG_ERR, f"fwtkcfgerr: {exc}")
         return EX_CONFIG
@@ -233,31 +239,24 @@ def run_worker(
     except StoreError as exc:
         log.failure(LOG_ERR, f"fwtksyserr: {exc.reason}")
         return EX_TEMPFAIL
-    worker = Worker(smap, _site(smap, log, store), log, anvil, slot, grace)
+    path = smap.database_in_jail
+    worker = Worker(smap, _site(smap, log, path), log, anvil, slot, grace)
+    worker.writer = ProcessCommitter(path, lambda text: log(LOG_ERR, text), worker.writer_lost)
+    worker.writer.fork(sockets)  # jailed already; before the loop runs
     if worker.jail_note:
         log(LOG_WARNING, worker.jail_note)
     try:
-        loop.run_until_complete(_serve(worker, loop, store, checkpointer, sockets))
+        loop.run_until_complete(_serve(worker, loop, sockets))
     except Exception as exc:
         log.failure(LOG_CRIT, crash_report(exc))
         return EX_SOFTWARE
-    finally:
-        store.close()
-    return 0
+    return EX_TEMPFAIL if worker.broken else 0
 
 
 async def _serve(
-    worker: Worker,
-    loop: asyncio.AbstractEventLoop,
-    store: SqliteIntake,
-    checkpointer: Checkpointer,
-    sockets: list[socket.socket],
+    worker: Worker, loop: asyncio.AbstractEventLoop, sockets: list[socket.socket]
 ) -> None:
-    kind = LoopCommitter if os.environ.get("SMAPQ_LOOPCOMMIT") else GroupCommitter
-    worker.committer = committer = kind(
-        store, loop, lambda text: worker.log(LOG_ERR, text), checkpointer
-    )
-    committer.start()
+    await worker.writer.start(loop)
     worker.done = loop.create_future()
     loop.set_exception_handler(lambda _loop, ctx: _loop_error(worker, ctx))
     for sock in sockets:
@@ -267,4 +266,4 @@ async def _serve(
     sweeper = loop.create_task(worker.sweep())
     await worker.done
     sweeper.cancel()
-    committer.stop()
+    await worker.writer.stop()

@@ -126,6 +126,15 @@ def _connect(path: str, busy_ms: int) -> sqlite3.Connection:
     return conn
 
 
+def free_space(directory: str) -> int | None:
+    """Bytes an unprivileged writer may still use in ``directory`` (the database's)."""
+    try:
+        st = os.statvfs(directory)
+    except OSError:
+        return None
+    return st.f_bavail * st.f_frsize
+
+
 class SqliteIntake:
     """The open queue database of one receiver process (the intake port)."""
 
@@ -222,12 +231,7 @@ class SqliteIntake:
             self.lock.release()
 
     def free_space(self) -> int | None:
-        """Bytes an unprivileged writer may still use where the database lives."""
-        try:
-            st = os.statvfs(self.directory)
-        except OSError:
-            return None
-        return st.f_bavail * st.f_frsize
+        return free_space(self.directory)
 
     def close(self) -> None:
         self.conn.close()
