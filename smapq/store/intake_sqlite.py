@@ -146,16 +146,20 @@ class SqliteIntake:
         busy_ms: int = rendered.BUSY_TIMEOUT_MS,
         lock_wait: float | None = LOCK_WAIT,
         autocheckpoint: bool = True,
+        cache_kib: int = 0,
     ) -> None:
         """Open ``path``; raises StoreError.  ``lock_wait`` None waits for the write
         lock without a bound (any thread); a number bounds it (main thread only).
-        ``autocheckpoint`` False leaves WAL checkpoints to a ``Checkpointer``."""
+        ``autocheckpoint`` False leaves WAL checkpoints to a ``Checkpointer``;
+        ``cache_kib`` sets the page cache (a long-lived writer keeps its indexes hot)."""
         self.directory = os.path.dirname(path) or "."
         self.lock_wait = lock_wait
         try:
             self.conn = _connect(path, busy_ms)
             if not autocheckpoint:
                 self.conn.execute("PRAGMA wal_autocheckpoint = 0")
+            if cache_kib:
+                self.conn.execute(f"PRAGMA cache_size = {-int(cache_kib)}")
         except sqlite3.Error as exc:
             raise StoreError(f"cannot open {path}: {exc}", R.R451_STORE_FAILED) from None
         try:
