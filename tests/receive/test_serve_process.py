@@ -42,6 +42,17 @@ def status(pid: int) -> dict[str, list[str]]:
     return out
 
 
+def all_pids() -> list[int]:
+    return [int(p) for p in os.listdir("/proc") if p.isdigit()]
+
+
+def parent(pid: int) -> int:
+    try:
+        return int(Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[1])
+    except (OSError, IndexError):
+        return 0
+
+
 def send_message(c: Client, body: bytes, helo: bytes = b"c") -> bytes:
     c.cmd(b"EHLO " + helo)
     c.cmd(b"MAIL FROM:<a@b.c>")
@@ -74,10 +85,15 @@ def two_workers(rig_factory: Callable[..., Rig], extra: str = "") -> Rig:
 @pytest.mark.privileged
 def test_every_worker_is_jailed(rig_factory: Callable[..., Rig]) -> None:
     rig = two_workers(rig_factory)
-    rig.client().cmd(b"QUIT")  # the workers are serving, not just started
+    rig.client().cmd(b"QUIT")
+    workers = rig.server.children(running=True)
+    # A worker starts as root (it reads the table) and jails itself before it serves.
+    wait_until(lambda: all(status(pid)["Uid"][0] != "0" for pid in workers), 60, "not jailed yet")
     assert rig.server.proc is not None
     assert status(rig.server.proc.pid)["Uid"][0] == "0"  # the supervisor stays root
-    for pid in rig.server.children(running=True):
+    writers = [pid for pid in all_pids() if parent(pid) in workers]
+    assert len(writers) == 2  # each worker's queue writer, forked inside the jail
+    for pid in workers + writers:
         st = status(pid)
         assert st["Uid"] == [str(NOBODY.pw_uid)] * 4
         assert st["Gid"] == [str(NOBODY.pw_gid)] * 4
