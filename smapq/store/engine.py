@@ -7,16 +7,25 @@ would break the promise behind ``250``), a busy timeout, foreign keys, and
 huey #123 race). Read-only engines open the file with ``mode=ro`` and
 ``query_only`` so reports cannot write even by accident.
 
+Writers also take the queue's cross-process write lock (smapq.store.writelock, an
+flock on the database's directory) from BEGIN to COMMIT or ROLLBACK, as every other
+writer of the file does, so the deliverer and admin verbs queue up behind the
+receivers in arrival order instead of racing them in SQLite's busy handler.
+
 A SQLAlchemy URL (``database postgresql+psycopg://...``) is passed through unchanged,
 so the PostgreSQL backend drops in without touching callers.
 """
 
 from __future__ import annotations
 
+import os
+import threading
 from typing import Any
 
 from sqlalchemy import Engine, create_engine, event
 from sqlalchemy.pool import NullPool
+
+from smapq.store.writelock import WriteLock
 
 BUSY_TIMEOUT_MS = 5000
 
@@ -43,7 +52,67 @@ def make_engine(database: str, readonly: bool = False, busy_ms: int = BUSY_TIMEO
     # SQLite connection must never cross a fork.
     engine = create_engine(url, poolclass=NullPool)
     _sqlite_pragmas(engine, readonly, busy_ms)
+    if not readonly:
+        _write_lock(engine, os.path.dirname(os.path.abspath(database)))
     return engine
+
+
+class _EngineLock:
+    """The write lock for one engine's transactions: threads of this process take
+    turns (flock does not tell them apart), processes take turns by flock."""
+
+    def __init__(self, directory: str) -> None:
+        self.directory = directory
+        self.threads = threading.Lock()
+        self.lock: WriteLock | None = None  # opened at the first write: init makes the dir
+        self.owner = 0  # the thread in a write transaction, 0 for none
+
+    def acquire(self) -> None:
+        self.threads.acquire()
+        try:
+            if self.lock is None:
+                self.lock = WriteLock(self.directory)
+            self.lock.acquire()
+        except BaseException:
+            self.threads.release()
+            raise
+        self.owner = threading.get_ident()
+
+    def release(self) -> None:
+        """End this thread's write transaction (a rollback of a connection that had
+        none, e.g. on its return to the pool, releases nothing)."""
+        if self.owner == threading.get_ident():
+            self.owner = 0
+            assert self.lock is not None
+            self.lock.release()
+            self.threads.release()
+
+
+def _write_lock(engine: Engine, directory: str) -> None:
+    lock = _EngineLock(directory)
+    dialect: Any = engine.dialect
+    do_commit, do_rollback = dialect.do_commit, dialect.do_rollback
+
+    # The lock is released after COMMIT/ROLLBACK has run (SQLAlchemy's commit and
+    # rollback events come before it): this engine's dialect calls them, so they are
+    # wrapped on it.
+    def commit(dbapi_conn: Any) -> None:
+        try:
+            do_commit(dbapi_conn)
+        finally:
+            lock.release()
+
+    def rollback(dbapi_conn: Any) -> None:
+        try:
+            do_rollback(dbapi_conn)
+        finally:
+            lock.release()
+
+    dialect.do_commit = commit
+    dialect.do_rollback = rollback
+
+    # insert=True: before the listener that sends BEGIN IMMEDIATE.
+    event.listen(engine, "begin", lambda conn: lock.acquire(), insert=True)
 
 
 def _sqlite_pragmas(engine: Engine, readonly: bool, busy_ms: int) -> None:
