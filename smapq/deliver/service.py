@@ -15,6 +15,7 @@ from __future__ import annotations
 import os
 import signal
 
+from smapq import sandbox
 from smapq.config.netperm import check_mode
 from smapq.config.settings import SmapdSettings, load, loads
 from smapq.deliver import deliverer, log, privilege, waker
@@ -78,6 +79,8 @@ def run(table: str, once: bool, debug: bool = False) -> int:
         raise SmapqError(f"queue database {database} does not exist: run 'smapq init'")
     engine = make_engine(database)  # loads the dialect now; connects only after the drop
     logger.info(privilege.drop(settings.userid, settings.groupid))
+    # The drop made us non-dumpable; a supervisor that starts us as the user did not.
+    sandbox.nondumpable()
     # --once drains what is due and stops: it needs no change detection.
     change = waker.PollWaker() if once else waker.for_database(database)
     loop = deliverer.Deliverer(settings, engine, change, logger, once=once, reload=source.load)
