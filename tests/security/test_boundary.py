@@ -20,8 +20,10 @@ from pathlib import Path
 
 import pytest
 
-from tests.conftest import open_dir, root_only
+from tests.conftest import Spool, open_dir, program, root_only, write_table
 from tests.deliver.kit import Queue, StandIn, make_queue, peek_log, standin, stop, wait_for
+from tests.receive.conftest import Rig
+from tests.receive.superserver import SuperServer
 
 __all__ = ["open_dir", "standin"]
 
@@ -138,3 +140,84 @@ def test_smapd_itself_is_not_dumpable_even_when_started_as_its_user(
         assert got[daemon.pid]["proc_mem"] == "EACCES"
     finally:
         stop(daemon)
+
+
+DAEMON = pwd.getpwnam("daemon")
+
+
+def separate_uids_table(root: Path, standin: StandIn) -> Queue:
+    """smapd with a uid of its own: the two share only the queue's group."""
+    table = write_table(
+        root / "netperm-table",
+        f"smap, smapd: directory {root}/spool\nsmapd: baddir {root}/bad\n"
+        "smap: userid nobody\nsmapd: userid daemon\nsmap, smapd: groupid nogroup\n"
+        f"smapd: sendmail {standin.path}\nsmapd: wakeup 3600\n",
+    )
+    spool = Spool(root, table)
+    spool.smapq("init")
+    return Queue(spool, str(standin.path))
+
+
+def test_separate_uids_init_shares_the_queue_through_the_group(
+    open_dir: Path, standin: StandIn
+) -> None:
+    q = separate_uids_table(open_dir, standin)
+    st = q.spool.directory.stat()
+    assert (st.st_uid, st.st_gid, st.st_mode & 0o7777) == (NOBODY.pw_uid, NOBODY.pw_gid, 0o770)
+    st = q.spool.db.stat()
+    assert (st.st_uid, st.st_gid, st.st_mode & 0o7777) == (NOBODY.pw_uid, NOBODY.pw_gid, 0o660)
+    st = q.spool.baddir.stat()
+    assert (st.st_uid, st.st_mode & 0o7777) == (DAEMON.pw_uid, 0o700)
+    check = q.spool.smapq("check-config", check=False)
+    assert "share uid" not in check.stderr
+
+
+def test_separate_uids_need_a_shared_group(open_dir: Path) -> None:
+    table = open_dir / "netperm-table"
+    table.write_text(
+        f"smap, smapd: directory {open_dir}/spool\nsmap: userid nobody\nsmapd: userid daemon\n"
+    )
+    table.chmod(0o600)
+    proc = subprocess.run(
+        [sys.executable.replace("python", "smapq"), "-t", str(table), "init"],
+        capture_output=True, text=True, check=False,
+    )  # fmt: skip
+    assert proc.returncode == 1
+    assert "must share a group" in proc.stderr and "Traceback" not in proc.stderr
+    assert not (open_dir / "spool").exists()
+
+
+def test_separate_uids_unconfined_smap_uid_reaches_nothing(
+    open_dir: Path, standin: StandIn
+) -> None:
+    """With a uid of its own for smapd the kernel's uid checks suffice: even a process of
+    smap's uid that never went through smap's filter reaches neither smapd nor sendmail,
+    and mail still flows from smap (as nobody) through smapd (as daemon)."""
+    q = separate_uids_table(open_dir, standin)
+    server = SuperServer("inetd", [program("smap"), "-t", str(q.spool.table)], open_dir)
+    try:
+        rig = Rig(q.spool, server)
+        c = rig.client()
+        for line in (b"HELO c", b"MAIL FROM:<s@c.example>", b"RCPT TO:<r@x.example>", b"DATA"):
+            assert c.cmd(line)[:1] in (b"2", b"3"), line
+        received = c.cmd(b"Subject: via smap\r\n\r\nhi\r\n.").split()[-1].decode()
+        c.close()
+        rig.idle()
+    finally:
+        server.stop()
+    run = Delivering(q, standin)
+    try:
+        pids = [run.smapd, run.sendmail]
+        got = attack(NOBODY.pw_uid, NOBODY.pw_gid, pids)
+        for pid in pids:
+            for name in REACH:
+                assert got[pid][name] == "EPERM", (pid, name, got)
+            assert got[pid]["proc_mem"] == "EACCES"
+        assert standin.calls()[0].uid == DAEMON.pw_uid
+        assert standin.calls()[0].gid == NOBODY.pw_gid
+        run.finish()
+        assert q.row(received).state == "delivered"
+    finally:
+        standin.release()
+        if run.daemon.poll() is None:
+            stop(run.daemon)
