@@ -136,8 +136,8 @@ def test_unwritable_parent_is_one_line_and_nothing_half_created(tmp_path: Path) 
 @pytest.mark.privileged
 def test_unprivileged_user_cannot_init_a_spool_for_another_uid(tmp_path: Path) -> None:
     work = Path(f"/tmp/smapq-unpriv-{os.getpid()}")
-    work.mkdir(mode=0o777)
-    work.chmod(0o777)
+    work.mkdir(mode=0o755)
+    os.chown(work, pwd.getpwnam("nobody").pw_uid, -1)  # nobody's own directory
     try:
         table = work / "netperm-table"
         table.write_text(f"smap, smapd: directory {work}/spool\nsmap, smapd: userid daemon\n")

@@ -148,7 +148,6 @@ class Config:
             out.append("smap: jail off -- the receiver will not chroot")
         return out
 
-
     def boundary(self) -> str:
         """What the table's choice of uids means for the smap/smapd boundary ('' if fine).
 
