@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 from typing import Any
 
 import click
@@ -9,6 +10,7 @@ from sqlalchemy import Engine
 
 from smapq.config.netperm import table_path
 from smapq.config.settings import Config, load
+from smapq.errors import SmapqError
 from smapq.store.engine import make_engine
 
 
@@ -26,11 +28,18 @@ class State:
         return self._config
 
     def engine(self, readonly: bool = False) -> Engine:
-        """The queue database as seen from outside the jail."""
+        """The queue database as seen from outside the jail; it must exist already.
+
+        Only ``smapq init`` creates it (with the owner and mode the table asks for), so
+        a missing file is one line here, not a traceback or a new empty database.
+        """
         smap = self.config.smap
-        return make_engine(
-            smap.database if smap.database_is_url else smap.database_path, readonly=readonly
-        )
+        if smap.database_is_url:
+            return make_engine(smap.database, readonly=readonly)
+        path = smap.database_path
+        if not os.path.exists(path):
+            raise SmapqError(f"queue database {path} does not exist: run 'smapq init'")
+        return make_engine(path, readonly=readonly)
 
 
 pass_state = click.make_pass_decorator(State)

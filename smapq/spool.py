@@ -149,7 +149,7 @@ def _make_database(p: Plan, done: list[str]) -> None:
     if not existed:
         # Create it 0600 first so the data is never readable by others, even briefly.
         os.close(os.open(p.path, os.O_CREAT | os.O_EXCL | os.O_WRONLY, p.mode))
-    engine = make_engine(p.path)
+    engine = make_engine(p.path, create=True)
     try:
         before = migrate.current_revision(engine)
         migrate.upgrade(engine)
