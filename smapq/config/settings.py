@@ -121,6 +121,8 @@ class SmapdSettings(Settings):
     maxrcptbatch: int
     retrycodes: frozenset[int]
     outputmax: int
+    keepbodies: int
+    keepevents: int
 
 
 class Config:
