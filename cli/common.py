@@ -10,7 +10,8 @@ from sqlalchemy import Engine
 
 from smapq.config.netperm import table_path
 from smapq.config.settings import Config, load
-from smapq.errors import SmapqError
+from smapq.errors import EX_IOERR, SmapqError, UsageError
+from smapq.store import damage
 from smapq.store.engine import make_engine
 
 
@@ -26,6 +27,32 @@ class State:
         if self._config is None:
             self._config = load(self.table)
         return self._config
+
+    def database_file(self) -> str:
+        """The queue database file (outside the jail); an error for a server URL."""
+        smap = self.config.smap
+        if smap.database_is_url:
+            raise UsageError(
+                "the queue database is a server URL, not a file: use the server's own tools"
+            )
+        path = smap.database_path
+        if not os.path.exists(path):
+            raise SmapqError(f"queue database {path} does not exist: run 'smapq init'")
+        return path
+
+    def report_engine(self) -> Engine:
+        """A read-only engine for reports, refused while the database is noted damaged:
+        numbers read from a damaged file can be wrong without any error."""
+        smap = self.config.smap
+        if not smap.database_is_url:
+            note = damage.note(smap.database_path)
+            if note is not None:
+                raise SmapqError(
+                    f"queue database {smap.database_path} was found damaged ({note}); its "
+                    "numbers could be wrong: run 'smapq db verify' (docs/recovery.md)",
+                    EX_IOERR,
+                )
+        return self.engine(readonly=True)
 
     def engine(self, readonly: bool = False) -> Engine:
         """The queue database as seen from outside the jail; it must exist already.

@@ -32,6 +32,11 @@ class SmapqError(Exception):
 
     exit_code = 1
 
+    def __init__(self, message: str = "", exit_code: int | None = None) -> None:
+        super().__init__(message)
+        if exit_code is not None:
+            self.exit_code = exit_code
+
 
 class UsageError(SmapqError):
     """A command was called with arguments that cannot work (unknown id, bad date)."""

@@ -79,7 +79,8 @@ def test_init_as_root_gives_the_spool_to_the_smap_user(open_dir: Path) -> None:
 
 
 def test_check_config_prints_effective_settings_and_origins(spool: Spool) -> None:
-    out = spool.smapq("check-config").stdout
+    # The settings are printed whatever the machine checks find (tests/test_machine_checks).
+    out = spool.smapq("check-config", check=False).stdout
     assert f"smap:   directory        {spool.directory}" in out
     assert "smapd:  sendmail         /usr/lib/sendmail" in out
     assert "# default" in out and f"# {spool.table}:1" in out

@@ -65,7 +65,7 @@ class Leases:
             except DBAPIError as exc:
                 if faults.kind(exc) != faults.DAMAGED:
                     raise
-                self._go_careful(exc)
+                self._go_careful(faults.describe(exc))
         return self._claim_carefully(conn, settings, limit, now)
 
     def _claim_batch(
@@ -76,7 +76,20 @@ class Leases:
                 self.log.warning("%s: lease of %s expired, back to the queue", *row[1:3])
             rows = queries.claim(conn, self.owner, now, settings.lease, limit, self.due_by)
             rcpts = self._recipients(conn, [int(r.id) for r in rows])
+            ghosts = self._ghosts(conn, len(rows), limit, now)
+        if ghosts:
+            for mid in ghosts:
+                self._skip(mid, "the due index lists it, the table has no such row")
+            self._go_careful(f"{len(ghosts)} due message(s) missing from the messages table")
         return self._jobs(rows, rcpts, settings)
+
+    def _ghosts(self, conn: Connection, claimed: int, limit: int, now: float) -> list[int]:
+        """Due ids the claim could not take although it had room: the index names rows
+        the table does not give -- damage that raises no error."""
+        if claimed >= limit:
+            return []
+        due_by = now if self.due_by is None else min(now, self.due_by)
+        return [i for i in queries.due_ids(conn, due_by, limit) if i not in self.unreadable]
 
     def _recipients(self, conn: Connection, ids: list[int]) -> dict[int, list[tuple[int, str]]]:
         rcpts: dict[int, list[tuple[int, str]]] = {i: [] for i in ids}
@@ -101,13 +114,16 @@ class Leases:
 
     # --- careful mode -----------------------------------------------------------------
 
-    def _go_careful(self, exc: DBAPIError) -> None:
+    def _go_careful(self, why: str) -> None:
+        if self.careful:
+            return
         self.careful = True
         self.log.error(
-            "%s; claiming one message at a time from now on: run 'smapq db verify'",
-            faults.describe(exc),
+            "queue database is damaged (%s); claiming one message at a time from now on: "
+            "run 'smapq db verify'",
+            why,
         )
-        self.damaged(faults.reason(exc))
+        self.damaged(why)
 
     def _claim_carefully(
         self, conn: Connection, settings: SmapdSettings, limit: int, now: float

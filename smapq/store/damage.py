@@ -33,6 +33,9 @@ def mark(database: str, detail: str, who: str) -> None:
         fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW, 0o600)
         try:
             os.write(fd, line.encode("utf-8", "replace"))
+            if os.geteuid() == 0:  # an admin command: the note belongs to the queue's owner
+                st = os.stat(database)
+                os.fchown(fd, st.st_uid, st.st_gid)
         finally:
             os.close(fd)
 

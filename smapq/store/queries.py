@@ -351,13 +351,15 @@ def claim_one(
 
 
 def due_ids(conn: Connection, due_by: float, limit: int) -> list[int]:
-    """Ids of due messages, oldest due first, from the due index alone."""
+    """Ids of due messages, oldest due first, from the due index alone (rows another
+    deliverer holds locked are skipped, as the claim skips them)."""
     stmt = (
         select(messages.c.id)
         .where(messages.c.state == states.RECEIVED)
         .where(messages.c.next_attempt_at <= due_by)
         .order_by(messages.c.next_attempt_at)
         .limit(limit)
+        .with_for_update(skip_locked=True)
     )
     return [int(i) for i in conn.execute(stmt).scalars()]
 
