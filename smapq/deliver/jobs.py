@@ -74,6 +74,24 @@ class Job:
         self.ack_ok = False
         self.started: list[float] = []
 
+    @classmethod
+    def damaged(cls, row: Any, settings: SmapdSettings) -> Job | None:
+        """A Job for a row whose id and lease token are readable but whose other values
+        are impossible: enough to record it as bad, never enough to send it."""
+        try:
+            mid, token, qid = int(row.id), int(row.lease_token), str(row.queue_id)
+        except (TypeError, ValueError, AttributeError):
+            return None
+        job = cls.__new__(cls)
+        job.id, job.token, job.key, job.queue_id = mid, token, (mid, token), qid
+        job.mail_from, job.rcpts, job.settings, job.data = "", [], settings, None
+        job.body_sha256, job.trace_len, job.started = None, 0, []
+        job.abort, job.ack, job.ack_ok = threading.Event(), threading.Event(), False
+        job.received_at = _number(row, "received_at", 0.0)
+        job.next_attempt_at = _number(row, "next_attempt_at", 0.0)
+        job.attempts = int(_number(row, "attempts", 0))
+        return job
+
     def values(
         self,
         state: str,
@@ -88,6 +106,13 @@ class Job:
             "next_attempt_at": next_attempt_at or self.next_attempt_at,
             "delivered_at": delivered_at,
         }
+
+
+def _number(row: Any, name: str, default: float) -> float:
+    try:
+        return float(getattr(row, name))
+    except (TypeError, ValueError, AttributeError):
+        return default
 
 
 def _text(value: object) -> str:

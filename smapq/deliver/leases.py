@@ -19,7 +19,6 @@ run (a deferral or a recovery makes it due later than that).
 from __future__ import annotations
 
 import logging
-import threading
 from collections.abc import Callable, Iterable
 from typing import Any
 
@@ -105,7 +104,7 @@ class Leases:
             try:
                 jobs.append(Job(row, rcpts[int(row.id)], s))
             except (TypeError, ValueError, AttributeError) as exc:
-                job = _salvage(row, s)
+                job = Job.damaged(row, s)
                 if job is None:
                     self._skip(int(row.id), f"impossible values: {exc}")
                 else:
@@ -240,28 +239,3 @@ class Leases:
     def release_owned(self, conn: Connection, now: float) -> list[Any]:
         with conn.begin():
             return queries.release_owned(conn, self.owner, now, "released at exit")
-
-
-def _salvage(row: Any, settings: SmapdSettings) -> Job | None:
-    """A Job for a row whose id and lease token are readable but whose other values are
-    impossible: enough to record it as bad (never enough to send it)."""
-    try:
-        mid, token, qid = int(row.id), int(row.lease_token), str(row.queue_id)
-    except (TypeError, ValueError, AttributeError):
-        return None
-    job = Job.__new__(Job)
-    job.id, job.token, job.key, job.queue_id = mid, token, (mid, token), qid
-    job.mail_from, job.rcpts, job.settings, job.data = "", [], settings, None
-    job.body_sha256, job.trace_len, job.started = None, 0, []
-    job.abort, job.ack, job.ack_ok = threading.Event(), threading.Event(), False
-    job.received_at = _number(row, "received_at", 0.0)
-    job.next_attempt_at = _number(row, "next_attempt_at", 0.0)
-    job.attempts = int(_number(row, "attempts", 0))
-    return job
-
-
-def _number(row: Any, name: str, default: float) -> float:
-    try:
-        return float(getattr(row, name))
-    except (TypeError, ValueError, AttributeError):
-        return default

@@ -123,3 +123,37 @@ def _damaged_body(q: Queue, qid: str) -> bool:
     """Recovered, but its body no longer matches its checksum: held or bad, and said so."""
     row = q.row(qid)
     return row is not None and row.state in ("held", "bad") and "damaged" in row.last_result
+
+
+def test_a_body_that_fails_its_checksum_is_not_sent(tmp_path: Path, standin: StandIn) -> None:
+    q = make_queue(tmp_path, str(standin.path))
+    good, bad = q.add(["good@x.example"]), q.add(["bad@x.example"], body=b"the real body\n")
+    with q.engine.begin() as conn:  # what a damaged page does to a body
+        conn.exec_driver_sql(
+            "UPDATE messages SET body = ? WHERE queue_id = ?", (b"the reaX body\n", bad)
+        )
+    proc = q.deliver()
+    one_line_or_none(proc)
+    assert proc.returncode == 1, proc.stderr  # something went bad
+    assert [c.recipients for c in standin.calls()] == [["good@x.example"]]
+    row = q.row(bad)
+    assert row.state == "bad" and "sha256 mismatch" in row.last_result
+    assert q.row(good).state == "delivered"
+    assert (q.spool.baddir / f"{bad}.eml").read_bytes() == b"the reaX body\n"
+
+
+def test_a_row_with_impossible_values_goes_bad_and_the_rest_is_delivered(
+    tmp_path: Path, standin: StandIn
+) -> None:
+    q = make_queue(tmp_path, str(standin.path))
+    ids = [q.add([f"r{i}@x.example"]) for i in range(3)]
+    with q.engine.begin() as conn:  # SQLite keeps whatever type a damaged write left
+        conn.exec_driver_sql(
+            "UPDATE messages SET mail_from = x'00ff' WHERE queue_id = ?", (ids[1],)
+        )
+    proc = q.deliver()
+    one_line_or_none(proc)
+    assert proc.returncode == 1, proc.stderr
+    assert sorted(c.recipients[0] for c in standin.calls()) == ["r0@x.example", "r2@x.example"]
+    row = q.row(ids[1])
+    assert row.state == "bad" and "damaged row, not sent" in row.last_result
