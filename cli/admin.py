@@ -139,11 +139,11 @@ def db_verify(state: State) -> None:
     Exit 0 when it is sound (and any note that it was found damaged is removed),
     1 with one line per problem otherwise. See docs/recovery.md.
     """
-    from smapq.store import damage, repair  # noqa: PLC0415
+    from smapq.store import damage, verify  # noqa: PLC0415
 
     path = state.database_file()
     migrate = _migrate()
-    found = repair.verify(path, migrate.head_revision(state.engine(readonly=True)))
+    found = verify.verify(path, migrate.head_revision(state.engine(readonly=True)))
     if found.problems:
         damage.mark(path, found.problems[0], "smapq db verify")
         for problem in found.problems:
@@ -167,7 +167,7 @@ def db_recover(state: State, output: str | None) -> None:
     accepted that could not be (exit 1 then). The damaged file is only read;
     install the new one as docs/recovery.md says.
     """
-    from smapq.store import repair  # noqa: PLC0415
+    from smapq.store import recover  # noqa: PLC0415
     from smapq.store.engine import make_engine  # noqa: PLC0415
 
     migrate = _migrate()
@@ -182,7 +182,7 @@ def db_recover(state: State, output: str | None) -> None:
         finally:
             engine.dispose()
 
-    result = repair.recover(path, out, create_schema)
+    result = recover.recover(path, out, create_schema)
     echo_lines(result.lines(out))
     if result.unaccounted:
         raise click.exceptions.Exit(1)

@@ -1,10 +1,8 @@
-"""``smapq db verify`` and ``smapq db recover``: a damaged SQLite queue database.
+"""``smapq db recover``: copy what can be read of a damaged SQLite queue database.
 
-Purpose: ``verify`` says whether the file is sound -- SQLite's ``integrity_check``
-(every page, every index against its table), the foreign keys, the schema revision,
-and every stored body against the sha256 intake stored beside it. ``recover`` copies
-every message that can still be read into a fresh database (made by the migrations,
-so its schema is current) and says what it saved and what it lost.
+Purpose: copy every message that can still be read into a fresh database (made by
+the migrations, so its schema is current) and say what was saved and what was lost.
+``verify.py`` says whether a file is damaged in the first place.
 
 How recover reads: through SQLite itself, by id ranges of each table, walking the
 table and not its indexes (which may be the damaged part); a range that fails is
@@ -13,11 +11,12 @@ whose body is not is kept without its body, held, with the reason -- its envelop
 (sender, recipients, client) is what the admin needs to ask for it again. A body
 that no longer matches its checksum is kept, held, and said so. A message that was
 ``delivering`` goes back to ``received``. The envelope log is then cross-checked:
-every queue id it shows accepted (or imported) and never deleted or purged, but that
-no longer has a row, is named as lost. Rows of a damaged page are gone either way;
-SQLite's ``.recover`` could sometimes find more, but Debian's sqlite3 program is
-built without the page access it needs (``no such table: sqlite_dbpage``), so this
-does not depend on it.
+every queue id it shows accepted (or imported) and never delivered, bad, deleted or
+purged, but that no longer has a row, is named as lost; so is every row the indexes
+(on other pages) still name but the table no longer gives. Rows of a damaged page
+are gone either way; SQLite's ``.recover`` could sometimes find more, but Debian's
+sqlite3 program is built without the page access it needs (``no such table:
+sqlite_dbpage``), so this does not depend on it.
 
 Security: the damaged file is opened read-only (``mode=ro``) and never changed. The
 output is created 0600 and must not exist yet; installing it is the admin's step
@@ -36,99 +35,15 @@ from collections.abc import Iterator, Sequence
 from contextlib import closing
 from typing import Any
 
-from smapq.errors import SmapqError, UsageError
-from smapq.store import damage, states
+from smapq.errors import UsageError
+from smapq.store import states
 from smapq.store.schema import events, messages, recipients
+from smapq.store.verify import MAX_LISTED, only_sqlite, open_ro
 
 CHUNKS = {"messages": 32, "recipients": 1024, "events": 1024}  # ids per range query
-MAX_LISTED = 20  # problems or lost ids named one by one
 HELD_DAMAGED = "body damaged in the queue database (sha256 mismatch); recovered and held"
 HELD_NO_BODY = "body unreadable in the damaged queue database; envelope recovered and held"
 HELD_NO_RCPT = "recipients unreadable in the damaged queue database; recovered and held"
-
-
-def _open_ro(path: str) -> sqlite3.Connection:
-    if not os.path.exists(path):
-        raise SmapqError(f"queue database {path} does not exist")
-    uri = "file:" + path.replace("%", "%25").replace("?", "%3f").replace("#", "%23")
-    return sqlite3.connect(uri + "?mode=ro", uri=True, isolation_level=None)
-
-
-def _only_sqlite(database: str) -> None:
-    if "://" in database and not database.startswith("sqlite"):
-        raise UsageError(
-            "db verify and db recover work on SQLite queue files; for a database server "
-            "use its own tools (PostgreSQL: amcheck, pg_dump)"
-        )
-
-
-# --- verify ------------------------------------------------------------------------------
-
-
-class Verdict:
-    """What ``verify`` found: problems (empty when sound) and what it checked."""
-
-    __slots__ = ("bodies", "problems")
-
-    def __init__(self) -> None:
-        self.problems: list[str] = []
-        self.bodies = 0
-
-
-def verify(path: str, head: str) -> Verdict:
-    """Check the file at ``path``; ``head`` is the schema revision it must be at."""
-    _only_sqlite(path)
-    found = Verdict()
-    try:
-        with closing(_open_ro(path)) as db:
-            _check_pages(db, found)
-            _check_keys(db, found)
-            _check_schema(db, head, found)
-            _check_bodies(db, found)
-    except sqlite3.DatabaseError as exc:
-        found.problems.append(f"cannot be read: {exc}")
-    if not found.problems:
-        damage.clear(path)
-    return found
-
-
-def _check_pages(db: sqlite3.Connection, found: Verdict) -> None:
-    rows = db.execute(f"PRAGMA integrity_check({MAX_LISTED})").fetchall()
-    found.problems += [str(r[0]) for r in rows if r[0] != "ok"]
-
-
-def _check_keys(db: sqlite3.Connection, found: Verdict) -> None:
-    orphans = db.execute("PRAGMA foreign_key_check").fetchall()
-    if orphans:
-        found.problems.append(f"{len(orphans)} rows refer to rows that do not exist")
-
-
-def _check_schema(db: sqlite3.Connection, head: str, found: Verdict) -> None:
-    try:
-        rows = db.execute("SELECT version_num FROM alembic_version").fetchall()
-    except sqlite3.OperationalError as exc:
-        found.problems.append(f"no schema revision: {exc}")
-        return
-    current = rows[0][0] if rows else None
-    if current != head:
-        found.problems.append(f"schema is at {current or 'nothing'}, not {head}")
-
-
-def _check_bodies(db: sqlite3.Connection, found: Verdict) -> None:
-    bad: list[str] = []
-    cur = db.execute(
-        "SELECT queue_id, body, body_sha256 FROM messages WHERE body IS NOT NULL ORDER BY id"
-    )
-    for qid, body, digest in cur:
-        found.bodies += 1
-        if hashlib.sha256(body).hexdigest() != digest:
-            bad.append(str(qid))
-    if bad:
-        listed = " ".join(bad[:MAX_LISTED]) + (" ..." if len(bad) > MAX_LISTED else "")
-        found.problems.append(f"{len(bad)} bodies do not match their sha256: {listed}")
-
-
-# --- recover -----------------------------------------------------------------------------
 
 
 class Gone:
@@ -230,13 +145,13 @@ def recover(path: str, out: str, create_schema: Any) -> Recovery:
     ``create_schema(out)`` makes the empty, migrated database (the caller owns the
     migrations); everything else happens here.
     """
-    _only_sqlite(path)
+    only_sqlite(path)
     if os.path.lexists(out):
         raise UsageError(f"{out} exists already; recover writes a new file only")
     if os.path.realpath(out) == os.path.realpath(path):
         raise UsageError("the output must be a new file, not the damaged one")
     result = Recovery()
-    with closing(_open_ro(path)) as src:
+    with closing(open_ro(path)) as src:
         old = os.umask(0o077)
         try:
             create_schema(out)
