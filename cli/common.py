@@ -11,7 +11,7 @@ from sqlalchemy import Engine
 from smapq.config.netperm import table_path
 from smapq.config.settings import Config, load
 from smapq.errors import EX_IOERR, SmapqError, UsageError
-from smapq.store import damage
+from smapq.store import damage, verify
 from smapq.store.engine import make_engine
 
 
@@ -44,8 +44,13 @@ class State:
         """A read-only engine for reports, refused while the database is noted damaged:
         numbers read from a damaged file can be wrong without any error."""
         smap = self.config.smap
-        if not smap.database_is_url:
+        if not smap.database_is_url and os.path.exists(smap.database_path):
             note = damage.note(smap.database_path)
+            if note is None:
+                found = verify.quick(smap.database_path)
+                if found is not None:
+                    damage.mark(smap.database_path, found, "smapq report")
+                    note = found
             if note is not None:
                 raise SmapqError(
                     f"queue database {smap.database_path} was found damaged ({note}); its "

@@ -28,6 +28,7 @@ def mark(database: str, detail: str, who: str) -> None:
     path = path_of(database)
     if path is None or os.path.exists(path):
         return
+    detail = " ".join(detail.split())
     line = f"{time.strftime('%Y-%m-%d %H:%M:%S %z')} {who}: {detail}\n"
     with contextlib.suppress(OSError):
         fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW, 0o600)
