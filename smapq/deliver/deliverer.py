@@ -195,10 +195,11 @@ class Deliverer:
                 failures = 0
             except DBAPIError as exc:
                 failures += 1
-                if self.signals.stops:
-                    # Asked to stop while the database fails: do not wait for it.
-                    # _shutdown tries once more; what it cannot write is left to lease
-                    # expiry (and delivered again: at-least-once).
+                give_up = GIVE_UP_ONCE.get(faults.kind(exc), GIVE_UP_ONCE_OTHER)
+                if self.signals.stops and failures >= give_up:
+                    # Asked to stop while the database keeps failing: do not wait for
+                    # it. _shutdown tries once more; what it cannot write is left to
+                    # lease expiry (and delivered again: at-least-once).
                     self.log.error("stopping: %s", faults.describe(exc))
                     return
                 self._trouble(exc, failures)
@@ -215,7 +216,7 @@ class Deliverer:
             self._damaged(faults.reason(exc))
         if self.once and failures >= GIVE_UP_ONCE.get(kind, GIVE_UP_ONCE_OTHER):
             raise Stopped(kind, f"{faults.describe(exc)} ({failures} times in a row)") from None
-        limit = 5.0 if self.once else BACKOFF_MAX
+        limit = 5.0 if self.once or self.signals.stops else BACKOFF_MAX
         self.signals.wait(min(limit, 0.1 * 2**failures))
 
     def _damaged(self, detail: str) -> None:

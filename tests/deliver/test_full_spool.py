@@ -14,6 +14,7 @@ from __future__ import annotations
 import os
 import socket
 import subprocess
+import time
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -208,3 +209,34 @@ def test_an_outcome_waits_out_a_full_disk_and_is_recorded_once(
     no_traceback(log)
     assert code == 0, log
     assert len(standin.calls()) == 1
+
+
+def test_a_stop_while_the_disk_is_full_ends_promptly_and_loses_nothing(
+    full: FullSpool, standin: StandIn
+) -> None:
+    """SIGTERM while an outcome cannot be written: the daemon does not wait for room; the
+    message stays claimed until its lease expires and is then delivered again -- the
+    one duplicate at-least-once allows (docs/SECURITY.md), and it is counted here."""
+    table = full.spool.table
+    table.write_text(table.read_text() + "smapd: lease 5\n")
+    qid = full.q.add(["held@x.example"])
+    standin.hold()
+    daemon = full.q.start_daemon()
+    try:
+        wait_for(standin.calls, what="sendmail started")
+        full.take()
+        standin.release()
+        wait_for(lambda: "full" in peek_log(daemon), what="the daemon to notice")
+    finally:
+        standin.release()
+        code, log = stop(daemon)
+    no_traceback(log)
+    assert code == 0, log
+    assert "leaving rows to lease expiry" in log
+    full.give_back()
+    assert full.q.row(qid).state == "delivering"  # nothing lost: still claimed
+    wait_for(lambda: full.q.row(qid).lease_expires_at < time.time(), what="lease expiry")
+    proc = full.q.deliver()
+    assert proc.returncode == 0, proc.stderr
+    assert full.q.row(qid).state == "delivered"
+    assert len(standin.calls()) == 2  # the duplicate: sent before the stop, and again
