@@ -63,7 +63,7 @@ def test_engine_never_imports_click() -> None:
     assert "click" not in loaded
 
 
-LEAN = ["smapq.config.settings", "smapq.store.ids"]
+LEAN = ["smapq.config.settings", "smapq.store.ids", "smapq.sandbox"]
 
 
 @pytest.mark.parametrize("extra", [[], ["smapq.receive.main", "smapq.store.rendered"]])
