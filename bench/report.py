@@ -72,7 +72,7 @@ def seed(path: str, n: int, body_cap: int, rng: random.Random) -> None:
     for suffix in ("", "-wal", "-shm"):
         if os.path.exists(path + suffix):
             os.unlink(path + suffix)
-    engine = make_engine(path)
+    engine = make_engine(path, create=True)
     migrate.upgrade(engine)
     engine.dispose()
     db = sqlite3.connect(path, isolation_level=None)

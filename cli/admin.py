@@ -1,7 +1,9 @@
-"""Administration commands: init, check-config, db upgrade|current|check|downgrade."""
+"""Administration commands: init, check-config, and db upgrade|current|check|downgrade,
+db verify|recover (a damaged queue database)."""
 
 from __future__ import annotations
 
+import os
 from types import ModuleType
 
 import click
@@ -42,7 +44,16 @@ def _show(value: object) -> str:
 @click.command("check-config")
 @pass_state
 def check_config_cmd(state: State) -> None:
-    """Print the effective settings of smap and smapd and where each came from."""
+    """Print the effective settings and check the machine against them.
+
+    Every setting of smap and smapd and where it came from, then what the table's
+    choices imply (warnings), then one line per problem found on this machine: the
+    spool, the queue database and its -wal/-shm files (owners, modes, access by
+    smap's and smapd's uids), baddir, sendmail, the schema, free space against the
+    intake's reserve. Exit 1 if there is any problem.
+    """
+    from smapq import machine  # noqa: PLC0415
+
     config = state.config
     click.echo(f"# {config.path}")
     for settings in (config.smap, config.smapd):
@@ -50,6 +61,28 @@ def check_config_cmd(state: State) -> None:
             click.echo(f"{settings.program + ':':7} {name:16} {_show(value):32} # {origin}")
     for warning in config.warnings():
         click.echo(f"smapq: warning: {warning}", err=True)
+    found = machine.problems(config, lambda: _schema_problem(state))
+    for problem in found:
+        click.echo(f"smapq: problem: {problem}", err=True)
+    if found:
+        raise click.exceptions.Exit(1)
+
+
+def _schema_problem(state: State) -> str | None:
+    from sqlalchemy.exc import DBAPIError  # noqa: PLC0415
+
+    from smapq.store import faults  # noqa: PLC0415
+
+    migrate = _migrate()
+    try:
+        engine = state.engine(readonly=True)
+        try:
+            migrate.require_current(engine)
+        finally:
+            engine.dispose()
+    except DBAPIError as exc:
+        return f"queue database: {faults.describe(exc)}"
+    return None
 
 
 @click.group("db", cls=Group)
@@ -96,3 +129,60 @@ def db_check(state: State) -> None:
     engine = state.engine(readonly=True)
     migrate.require_current(engine)
     click.echo(f"schema {migrate.head_revision(engine)} is current")
+
+
+@db_group.command("verify")
+@pass_state
+def db_verify(state: State) -> None:
+    """Check the queue database for damage: pages, indexes, keys, schema, bodies.
+
+    Exit 0 when it is sound (and any note that it was found damaged is removed),
+    1 with one line per problem otherwise. See docs/recovery.md.
+    """
+    from smapq.store import damage, verify  # noqa: PLC0415
+
+    path = state.database_file()
+    migrate = _migrate()
+    found = verify.verify(path, migrate.head_revision(state.engine(readonly=True)))
+    if found.problems:
+        damage.mark(path, found.problems[0], "smapq db verify")
+        for problem in found.problems:
+            click.echo(f"smapq: {path}: {problem}", err=True)
+        raise click.exceptions.Exit(1)
+    click.echo(f"ok: {path}: pages, indexes, keys and schema sound; {found.bodies} bodies match")
+
+
+@db_group.command("recover")
+@click.option(
+    "-o",
+    "--output",
+    metavar="FILE",
+    help="the new database (default: the queue database's name + .recovered)",
+)
+@pass_state
+def db_recover(state: State, output: str | None) -> None:
+    """Copy every readable message of a damaged queue database into a new one.
+
+    Prints what was recovered and names every message the envelope log shows
+    accepted that could not be (exit 1 then). The damaged file is only read;
+    install the new one as docs/recovery.md says.
+    """
+    from smapq.store import recover  # noqa: PLC0415
+    from smapq.store.engine import make_engine  # noqa: PLC0415
+
+    migrate = _migrate()
+    path = state.database_file()
+    out = output or path + ".recovered"
+
+    def create_schema(target: str) -> None:
+        os.close(os.open(target, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o600))
+        engine = make_engine(target, create=True)
+        try:
+            migrate.upgrade(engine)
+        finally:
+            engine.dispose()
+
+    result = recover.recover(path, out, create_schema)
+    echo_lines(result.lines(out))
+    if result.unaccounted:
+        raise click.exceptions.Exit(1)

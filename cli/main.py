@@ -1,8 +1,10 @@
 """``smapq``: the command line. Parses options, calls the engine, reports errors in one line.
 
 Every ``SmapqError`` becomes ``smapq: <message>`` on stderr and the error's exit code
-(78 for a bad netperm-table); a click usage error becomes one line and exit 64.
-Bugs are not swallowed: anything else is a traceback and exit 70.
+(78 for a bad netperm-table); a click usage error becomes one line and exit 64; a
+database error no command translated itself (a damaged or unreadable queue database)
+becomes ``smapq: queue database: <reason>`` and exit 1. Bugs are not swallowed:
+anything else is a traceback and exit 70.
 """
 
 from __future__ import annotations
@@ -10,6 +12,7 @@ from __future__ import annotations
 import sys
 
 import click
+from sqlalchemy.exc import DBAPIError
 
 from smapq import __version__
 from smapq.errors import EX_SOFTWARE, EX_USAGE, SmapqError
@@ -59,6 +62,10 @@ def run(args: list[str] | None = None, prog: str = "smapq", command: click.Comma
     except SmapqError as exc:
         click.echo(f"{prog}: {exc}", err=True)
         return exc.exit_code
+    except DBAPIError as exc:
+        reason = str(exc.orig).strip().splitlines() or [type(exc.orig).__name__]
+        click.echo(f"{prog}: queue database: {reason[0]}", err=True)
+        return 1
     except KeyboardInterrupt:
         return 130
     except BrokenPipeError:

@@ -90,7 +90,7 @@ def run_report(
     now = time.time()
     since, until = window(opts.get("since"), opts.get("until"), now)
     w = reports.Window(since, until, now, opts.get("top") or reports.DEFAULT_TOP)
-    with readonly_session(state.engine(readonly=True)) as conn:
+    with readonly_session(state.report_engine()) as conn:
         _emit(build(conn, w, **extra), opts["fmt"], opts["width"])
 
 
@@ -277,7 +277,7 @@ def sql_cmd(state: State, statement: str, limit: int | None, fmt: str, width: in
 
     Example: smapq report sql "SELECT state, count(*) FROM messages GROUP BY state"
     """
-    with readonly_session(state.engine(readonly=True)) as conn:
+    with readonly_session(state.report_engine()) as conn:
         _emit(sql.run(conn, statement, time.time(), limit), fmt, width)
 
 
@@ -297,7 +297,7 @@ def _listen(value: str) -> tuple[str, int]:
 @pass_state
 def metrics_cmd(state: State, listen: str | None) -> None:
     """Prometheus text format: messages by state, oldest age, attempts, counters."""
-    engine = state.engine(readonly=True)
+    engine = state.report_engine()
 
     def scrape() -> str:
         with readonly_session(engine) as conn:

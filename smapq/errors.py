@@ -1,7 +1,8 @@
 """Error classes shared by every smapq program.
 
-Errors say whether to retry: ``TempError`` and ``PermError`` carry the SMTP reply a
-client should see; ``ConfigError`` names file, line and keyword and maps to EX_CONFIG.
+Errors say whether to retry: ``TempError`` carries the SMTP reply a client should see
+and maps to EX_TEMPFAIL; ``ConfigError`` names file, line and keyword and maps to
+EX_CONFIG.
 The CLI turns any ``SmapqError`` into one line on stderr and the class's exit code.
 """
 
@@ -30,6 +31,11 @@ class SmapqError(Exception):
     """Root of every error smapq reports to a person instead of a traceback."""
 
     exit_code = 1
+
+    def __init__(self, message: str = "", exit_code: int | None = None) -> None:
+        super().__init__(message)
+        if exit_code is not None:
+            self.exit_code = exit_code
 
 
 class UsageError(SmapqError):
@@ -61,16 +67,6 @@ class TempError(SmapqError):
     exit_code = EX_TEMPFAIL
 
     def __init__(self, message: str, reply: bytes = b"451 4.3.0 Temporary failure") -> None:
-        super().__init__(message)
-        self.reply = reply
-
-
-class PermError(SmapqError):
-    """A failure that retrying will not fix; carries the SMTP reply for a client."""
-
-    exit_code = EX_DATAERR
-
-    def __init__(self, message: str, reply: bytes = b"554 5.3.0 Permanent failure") -> None:
         super().__init__(message)
         self.reply = reply
 

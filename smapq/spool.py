@@ -1,9 +1,19 @@
 """``smapq init``: create the spool (smap's jail), baddir and the migrated queue database.
 
 Purpose: make the directories and the database with the owners and modes the table
-asks for -- spool 0700 owned by smap's uid/gid, baddir 0700 owned by smapd's, the
-database 0600 owned by smap's uid -- and say what was done. Running it again changes
-only what is wrong (idempotent).
+asks for, and say what was done. Running it again changes only what is wrong
+(idempotent). Two layouts:
+
+  * one uid for both (the seed's ``smap, smapd: userid 5``): spool 0700 and database
+    0600, owned by that uid and its group;
+  * a uid of its own for smapd (``smap: userid smap``, ``smapd: userid smapd``,
+    ``smap, smapd: groupid smapq``): the two share only the queue, through the group --
+    spool 0770 and database 0660 owned by smap's uid and the shared group. SQLite
+    gives the -wal/-shm files the database's mode, and both programs create files with
+    the shared group as their only group, so either may create them.
+
+baddir is smapd's alone (0700). ``layout()`` says which applies; ``check-config``
+(``smapq.machine``) checks the same owners and modes on the running machine.
 
 Security: runs as root (or as the only user of a demo spool). Everything is checked
 before anything is created, so a bad table or an unwritable parent leaves nothing
@@ -20,6 +30,8 @@ from smapq.errors import SmapqError
 
 DIR_MODE = 0o700
 DB_MODE = 0o600
+SHARED_DIR_MODE = 0o770
+SHARED_DB_MODE = 0o660
 
 
 class Plan:
@@ -39,17 +51,41 @@ def _owner(uid: int | None, gid: int | None) -> tuple[int, int]:
     return (os.geteuid() if uid is None else uid, os.getegid() if gid is None else gid)
 
 
+class Layout:
+    """Who owns the queue and with which modes (see the module docstring)."""
+
+    __slots__ = ("db_mode", "dir_mode", "duid", "gid", "shared", "suid")
+
+    def __init__(self, config: Config) -> None:
+        self.suid, sgid = _owner(config.smap.userid, config.smap.groupid)
+        self.duid, dgid = _owner(config.smapd.userid, config.smapd.groupid)
+        self.shared = self.suid != self.duid
+        if self.shared and sgid != dgid:
+            raise SmapqError(
+                f"smap (uid {self.suid} gid {sgid}) and smapd (uid {self.duid} gid {dgid}) "
+                "run as different users, so they must share a group for the queue: "
+                "set 'smap, smapd: groupid NAME'"
+            )
+        self.gid = sgid
+        self.dir_mode = SHARED_DIR_MODE if self.shared else DIR_MODE
+        self.db_mode = SHARED_DB_MODE if self.shared else DB_MODE
+
+
+def layout(config: Config) -> Layout:
+    return Layout(config)
+
+
 def plan(config: Config) -> list[Plan]:
     smap, smapd = config.smap, config.smapd
-    suid, sgid = _owner(smap.userid, smap.groupid)
+    lay = layout(config)
     duid, dgid = _owner(smapd.userid, smapd.groupid)
-    plans = [Plan("directory", smap.directory, suid, sgid, DIR_MODE)]
+    plans = [Plan("directory", smap.directory, lay.suid, lay.gid, lay.dir_mode)]
     if smapd.directory != smap.directory:
         plans.append(Plan("directory", smapd.directory, duid, dgid, DIR_MODE))
     if smapd.baddir:
         plans.append(Plan("baddir", smapd.baddir, duid, dgid, DIR_MODE))
     if not smap.database_is_url:
-        plans.append(Plan("database", smap.database_path, suid, sgid, DB_MODE))
+        plans.append(Plan("database", smap.database_path, lay.suid, lay.gid, lay.db_mode))
     return plans
 
 
@@ -113,7 +149,7 @@ def _make_database(p: Plan, done: list[str]) -> None:
     if not existed:
         # Create it 0600 first so the data is never readable by others, even briefly.
         os.close(os.open(p.path, os.O_CREAT | os.O_EXCL | os.O_WRONLY, p.mode))
-    engine = make_engine(p.path)
+    engine = make_engine(p.path, create=True)
     try:
         before = migrate.current_revision(engine)
         migrate.upgrade(engine)

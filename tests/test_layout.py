@@ -63,7 +63,7 @@ def test_engine_never_imports_click() -> None:
     assert "click" not in loaded
 
 
-LEAN = ["smapq.config.settings", "smapq.store.ids"]
+LEAN = ["smapq.config.settings", "smapq.store.ids", "smapq.sandbox"]
 
 
 @pytest.mark.parametrize("extra", [[], ["smapq.receive.main", "smapq.store.rendered"]])
@@ -127,6 +127,7 @@ LAYERS: dict[str, tuple[str, ...]] = {
         "smapq.config",
         "smapq.errors",
         "smapq.store.intake_sqlite",
+        "smapq.sandbox",
         "smapq.serve.main",  # smap -daemon, imported only for that spelling
     ),
     "smapq.serve": (
@@ -138,6 +139,7 @@ LAYERS: dict[str, tuple[str, ...]] = {
         "smapq.receive.jail",
         "smapq.receive.logsink",
         "smapq.store.intake_sqlite",
+        "smapq.sandbox",
     ),
 }
 # Modules of smapq.store that the receiving side may use: stdlib-only, no SQLAlchemy.

@@ -330,6 +330,24 @@ KEYS: tuple[Key, ...] = (
     Key(
         "outputmax", (SMAPD,), "bytes", 4096, "sendmail output kept per attempt", lo=0, hi=1024**2
     ),
+    Key(
+        "keepbodies",
+        (SMAPD,),
+        "seconds",
+        7 * 86400,
+        "drop the body of delivered mail after this (0: keep forever)",
+        lo=0,
+        hi=3650 * 86400,
+    ),
+    Key(
+        "keepevents",
+        (SMAPD,),
+        "seconds",
+        90 * 86400,
+        "delete envelope-log events after this, but not a waiting message's (0: never)",
+        lo=0,
+        hi=3650 * 86400,
+    ),
 )
 
 BY_NAME: dict[str, Key] = {k.name: k for k in KEYS}

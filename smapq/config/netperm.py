@@ -8,6 +8,13 @@ rule for a keyword wins (``first_rule``).
 Security: the table decides which uid the receiver drops to and which program the
 deliverer executes, so a table that group or others may write is refused, as is one
 owned by somebody other than root or the invoking user (the FWTK advice: root, 0600).
+Nobody else may be able to replace it either: every directory on its path, symlinks
+followed as the kernel does, must belong to root or the invoking user and must not be
+writable by others -- except a sticky one (/tmp), where only the entry's owner can
+rename or remove it, so the next entry must then belong to root or the invoking user
+(a symlink planted there by someone else is refused). Group-writable directories pass
+(Debian's /usr/local/etc is root:staff 2775; staff is trusted with root's PATH).
+With the path safe, nothing can change between the check and the open.
 
 Standards: FWTK netperm-table syntax. Only whole-line ``#`` comments, as in FWTK.
 
@@ -94,8 +101,86 @@ def check_mode(path: str, st: os.stat_result) -> None:
         raise ConfigError(f"owned by uid {st.st_uid}, not root or the invoking user", path)
 
 
+MAX_SYMLINKS = 40  # as the kernel's limit for one path resolution
+
+
+def check_path(path: str) -> None:
+    """Refuse a table that anyone but root or the invoking user could replace.
+
+    Walks ``path`` one component at a time from ``/``, following symlinks itself, and
+    checks each directory and the entry it leads to (see the module docstring). A
+    missing component is left for the open to report.
+    """
+    trusted = (0, os.geteuid())
+    if not path.startswith("/"):
+        path = os.path.join(os.getcwd(), path)
+    pending = path.split("/")
+    pending.reverse()
+    current = "/"
+    links = 0
+    try:
+        parent = os.lstat("/")
+        while pending:
+            name = pending.pop()
+            if name in ("", "."):
+                continue
+            if name == "..":
+                current = os.path.dirname(current)
+                parent = os.lstat(current)
+                continue
+            entry = os.path.join(current, name)
+            st = os.lstat(entry)
+            _check_entry(path, current, parent, entry, st, trusted)
+            if stat.S_ISLNK(st.st_mode):
+                links += 1
+                if links > MAX_SYMLINKS:
+                    raise ConfigError("too many symbolic links on the path", path)
+                target = os.readlink(entry)
+                if target.startswith("/"):
+                    current = "/"
+                    parent = os.lstat("/")
+                pending.extend(reversed(target.split("/")))
+                continue
+            current, parent = entry, st
+    except FileNotFoundError:
+        return
+    except PermissionError:
+        raise ConfigError("permission denied", path) from None
+    except OSError as exc:
+        raise ConfigError(f"{exc.strerror}", path) from None
+
+
+def _check_entry(
+    path: str,
+    directory: str,
+    dir_st: os.stat_result,
+    entry: str,
+    st: os.stat_result,
+    trusted: tuple[int, int],
+) -> None:
+    """``entry`` in ``directory``: may anyone untrusted replace it?"""
+    if dir_st.st_uid not in trusted:
+        raise ConfigError(
+            f"{directory}: directory on the table's path belongs to uid {dir_st.st_uid}, "
+            "not root or the invoking user",
+            path,
+        )
+    if dir_st.st_mode & stat.S_IWOTH:
+        if not dir_st.st_mode & stat.S_ISVTX:
+            raise ConfigError(
+                f"{directory}: directory on the table's path is writable by others", path
+            )
+        if st.st_uid not in trusted:
+            raise ConfigError(
+                f"{entry}: in the world-writable directory {directory} and belongs to uid "
+                f"{st.st_uid}, who could replace it",
+                path,
+            )
+
+
 def read_rules(path: str) -> list[Rule]:
-    """Every rule of the table at ``path``, in file order, after the mode check."""
+    """Every rule of the table at ``path``, in file order, after the path and mode checks."""
+    check_path(path)
     try:
         with open(path, encoding="utf-8", errors="strict") as fh:
             check_mode(path, os.fstat(fh.fileno()))

@@ -128,6 +128,8 @@ class SmapdSettings(Settings):
     maxrcptbatch: int
     retrycodes: frozenset[int]
     outputmax: int
+    keepbodies: int
+    keepevents: int
 
 
 class Config:
@@ -148,14 +150,34 @@ class Config:
                 f"smap queues into {self.smap.database_path} but smapd reads "
                 f"{self.smapd.database_path}"
             )
-        if self.smap.userid != self.smapd.userid:
-            out.append(
-                "smap and smapd run as different users: smapd must be able to write "
-                "the queue database and its directory"
-            )
+        boundary = self.boundary()
+        if boundary:
+            out.append(boundary)
         if not self.smap.jail:
             out.append("smap: jail off -- the receiver will not chroot")
         return out
+
+    def boundary(self) -> str:
+        """What the table's choice of uids means for the smap/smapd boundary ('' if fine).
+
+        See docs/SECURITY.md: a uid of its own for smapd lets the kernel keep every
+        process of smap's uid away from smapd and its sendmails; a shared uid leaves
+        that to smap's seccomp filter, which only binds processes smap started.
+        """
+        suid, duid = self.smap.userid, self.smapd.userid
+        if duid is None:
+            return (
+                "smapd: userid is unset: smapd runs as whoever starts it (root, from init) "
+                "and so does every sendmail it runs"
+            )
+        if suid == duid:
+            return (
+                f"smap and smapd share uid {suid}: smap's seccomp filter keeps smap and "
+                "what it starts away from smapd and its sendmails, but other processes of "
+                f"uid {suid} can ptrace and signal them; give smapd a userid of its own "
+                "and a groupid shared with smap (docs/SECURITY.md)"
+            )
+        return ""
 
 
 def _primary_gid(uid: int) -> int | None:

@@ -5,6 +5,10 @@ Purpose: ``<queue_id>.eml`` is the message as sendmail would have read it (trace
 one ``RCPT <addr>`` per recipient) plus why it went bad. The row stays in the database
 in state ``bad`` either way; the files are a copy for people and scripts.
 
+``export_bad`` is the deliverer's step after a message went bad: read it back (the
+outcome is already committed), write the files, record an ``exported`` event. A
+failure to export is logged and never changes the message's state.
+
 Security: files are created 0600 with O_EXCL under a temporary name, fsynced, then
 renamed into place (a reader never sees half a file), and the directory is fsynced.
 Names come from the queue id (Crockford base32, no path characters).
@@ -13,8 +17,14 @@ Names come from the queue id (Crockford base32, no path characters).
 from __future__ import annotations
 
 import contextlib
+import logging
 import os
 from collections.abc import Sequence
+
+from sqlalchemy import Connection
+from sqlalchemy.exc import DBAPIError
+
+from smapq.store import faults, queries
 
 FILE_MODE = 0o600
 
@@ -71,3 +81,32 @@ def export(
     finally:
         os.close(dfd)
     return path
+
+
+def export_bad(
+    conn: Connection,
+    directory: str,
+    message_id: int,
+    queue_id: str,
+    reason: str,
+    log: logging.Logger,
+) -> None:
+    """Export a message that went bad to ``directory`` and record it; never raises for
+    a file or database problem (the message stays bad in the queue either way)."""
+    try:
+        with conn.begin():
+            row = queries.message_by_queue_id(conn, queue_id)
+            rcpts = queries.recipients_of(conn, message_id) if row is not None else []
+        if row is None:
+            return
+        trace = (row.trace or "").encode("utf-8", "surrogateescape")
+        path = export(
+            directory, queue_id, trace + bytes(row.body or b""),
+            str(row.mail_from), [r.address for r in rcpts], reason, int(row.attempts),
+        )  # fmt: skip
+        with conn.begin():
+            queries.add_event(conn, "exported", queue_id=queue_id, detail=path)
+    except OSError as exc:
+        log.error("%s: cannot export to baddir %s: %s", queue_id, directory, exc)
+    except DBAPIError as exc:
+        log.error("%s: not exported to baddir: %s", queue_id, faults.describe(exc))

@@ -6,19 +6,23 @@ open the logs, import everything the loop will need. After it: open the queue
 database as smapd's user, build the change detector, run.
 
 Exit status of ``--once``: 0 when everything due was delivered (or nothing was due),
-75 (EX_TEMPFAIL) when something was deferred or lost its lease, 1 when something went
-bad. ``--daemon`` returns 0 after SIGTERM/SIGINT.
+75 (EX_TEMPFAIL) when something was deferred or lost its lease, or the queue database
+kept failing (full, busy); 74 (EX_IOERR) when rows could not be read (a damaged
+database: ``smapq db verify``); 1 when something went bad. ``--daemon`` returns 0
+after SIGTERM/SIGINT.
 """
 
 from __future__ import annotations
 
+import logging
 import os
 import signal
 
+from smapq import sandbox
 from smapq.config.netperm import check_mode
 from smapq.config.settings import SmapdSettings, load, loads
 from smapq.deliver import deliverer, log, privilege, waker
-from smapq.errors import EX_OK, EX_TEMPFAIL, ConfigError, SmapqError
+from smapq.errors import EX_IOERR, EX_OK, EX_TEMPFAIL, ConfigError, SmapqError
 from smapq.store.engine import make_engine
 
 
@@ -58,6 +62,19 @@ class Table:
         text = os.pread(self.fd, st.st_size, 0).decode("utf-8")
         return loads(text, self.path).smapd
 
+    def reload(self, current: SmapdSettings, log: logging.Logger) -> SmapdSettings:
+        """SIGHUP: the table again, or ``current`` (and why) if it cannot be read now."""
+        try:
+            fresh = self.load()
+        except Exception as exc:
+            log.error("SIGHUP: table not re-read, keeping the current settings: %s", exc)
+            return current
+        for name in ("userid", "groupid", "database", "directory"):
+            if getattr(fresh, name) != getattr(current, name):
+                log.warning("SIGHUP: %s changed; it takes effect at restart", name)
+        log.info("SIGHUP: table re-read")
+        return fresh
+
     def close(self) -> None:
         if self.fd is not None:
             os.close(self.fd)
@@ -69,7 +86,7 @@ def run(table: str, once: bool, debug: bool = False) -> int:
     # Until the loop's handlers are in place a SIGHUP would kill us (its default
     # action) and a SIGTERM would skip the orderly release: hold them pending; the
     # loop unblocks them once it can act on them (deliverer.Deliverer.run).
-    signal.pthread_sigmask(signal.SIG_BLOCK, deliverer.HANDLED_SIGNALS)
+    signal.pthread_sigmask(signal.SIG_BLOCK, deliverer.HANDLED)
     source = Table(table)
     settings = source.load()
     logger = log.setup(debug)
@@ -78,25 +95,47 @@ def run(table: str, once: bool, debug: bool = False) -> int:
         raise SmapqError(f"queue database {database} does not exist: run 'smapq init'")
     engine = make_engine(database)  # loads the dialect now; connects only after the drop
     logger.info(privilege.drop(settings.userid, settings.groupid))
+    # The drop made us non-dumpable; a supervisor that starts us as the user did not.
+    sandbox.nondumpable()
     # --once drains what is due and stops: it needs no change detection.
     change = waker.PollWaker() if once else waker.for_database(database)
-    loop = deliverer.Deliverer(settings, engine, change, logger, once=once, reload=source.load)
+    loop = deliverer.Deliverer(
+        settings,
+        engine,
+        change,
+        logger,
+        once=once,
+        reload=lambda current: source.reload(current, logger),
+        database=database,
+    )
     mode = "once" if once else f"daemon, wakeup {settings.wakeup}s"
     logger.debug("%s: delivering from %s (%s)", loop.owner, database, mode)
     try:
         tally = loop.run()
+    except deliverer.Stopped as exc:
+        text = f"deliver --once: stopped: {exc}; {_counts(loop.tally)}"
+        raise Incomplete(text, exc.exit_code) from None
     finally:
         change.close()
         engine.dispose()
         source.close()
     logger.log(20 if once or debug else 10, "done: %s", tally)
-    if once and (tally.bad or tally.deferred or tally.lost):
+    if once and tally.unreadable:
         raise Incomplete(
-            f"deliver --once: {tally.bad} bad, {tally.deferred} deferred, "
-            f"{tally.lost} lost their lease, {tally.delivered} delivered",
-            1 if tally.bad else EX_TEMPFAIL,
+            f"deliver --once: {tally.unreadable} message(s) could not be read from the "
+            f"damaged queue database: run 'smapq db verify'; {_counts(tally)}",
+            EX_IOERR,
         )
+    if once and (tally.bad or tally.deferred or tally.lost):
+        raise Incomplete(f"deliver --once: {_counts(tally)}", 1 if tally.bad else EX_TEMPFAIL)
     return EX_OK
+
+
+def _counts(tally: deliverer.Tally) -> str:
+    return (
+        f"{tally.bad} bad, {tally.deferred} deferred, {tally.lost} lost their lease, "
+        f"{tally.delivered} delivered"
+    )
 
 
 class Incomplete(SmapqError):

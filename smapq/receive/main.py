@@ -14,6 +14,8 @@ Start order (Postfix's pre-jail / post-jail seam), all before the banner:
   module the session needs is imported at the top of this file, because nothing
   outside the jail can be imported later; read the peer from getpeername(0) or
   $REMOTE_ADDR/$REMOTE_PORT.
+  confine (smapq.sandbox): no_new_privs and a seccomp filter, so nothing this process
+  runs can ptrace, signal or write another process of its uid.
   jail (smapq.receive.jail): chroot(directory) -> chdir / -> setgroups([]) ->
   setgid -> setuid, then setuid(0) must fail.  ``smap: jail off`` skips the chroot
   and the receiver says so (stderr when stderr is not the connection, and the log).
@@ -46,6 +48,7 @@ import select
 import sys
 import time
 
+from smapq import sandbox
 from smapq.config.netperm import table_path
 from smapq.config.settings import load
 from smapq.errors import EX_CONFIG, EX_SOFTWARE, EX_TEMPFAIL, EX_USAGE, ConfigError
@@ -155,6 +158,9 @@ class InetdReceiver:
             except OSError as exc:
                 raise ConfigError(f"cannot open {smap.logfile}: {exc.strerror}") from None
         addr, port = jail.peer_address()
+        # Before the jail: this process and all it starts can no longer reach any other
+        # process of its uid (smapd and its sendmails share it in the seed's table).
+        sandbox.confine(hide=not smap.jail)
         if smap.database_is_url:
             raise StoreError(
                 f"smap queues only into an SQLite file, not {smap.database.split(':')[0]}: URLs"
@@ -325,7 +331,7 @@ def run(argv: list[str]) -> int:
         rx.start(table)
     except ConfigError as exc:
         return rx.refuse(f"fwtkcfgerr: {exc}", LOG_ERR, EX_CONFIG)
-    except jail.JailError as exc:
+    except (jail.JailError, sandbox.SandboxError) as exc:
         return rx.refuse(f"securityalert: {exc}", LOG_CRIT, exc.exit_code)
     except StoreError as exc:
         return rx.refuse(f"fwtksyserr: {exc.reason}", LOG_ERR, EX_TEMPFAIL)

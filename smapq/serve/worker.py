@@ -2,7 +2,8 @@
 
 Purpose: the supervisor (smapq.serve.supervisor) forks one worker per ``--workers``;
 each runs the same start order as the inetd receiver -- read the netperm-table as
-root, open the log, import everything, chroot into the spool, setgroups([]), drop to
+root, open the log, import everything, confine itself (smapq.sandbox: no process it
+runs can reach another of its uid), chroot into the spool, setgroups([]), drop to
 smap's uid/gid and verify (smapq.receive.jail, the same code) -- then opens the queue
 inside the jail and serves the listening sockets it inherited with an event loop:
 many sessions, one writer process (smapq.serve.writer).
@@ -34,6 +35,7 @@ import socket
 import time
 from typing import TYPE_CHECKING
 
+from smapq import sandbox
 from smapq.config.settings import load
 from smapq.errors import EX_CONFIG, EX_SOFTWARE, EX_TEMPFAIL, ConfigError
 from smapq.intake.audit import LOG_CRIT, LOG_ERR, LOG_INFO, LOG_WARNING
@@ -228,12 +230,15 @@ def run_worker(
             raise StoreError(
                 "smapq serve queues only into an SQLite file for now", R.R421_UNAVAILABLE
             )
+        # Confined before the loop exists: libuv then finds io_uring refused at once
+        # and uses epoll alone; the writer forked later inherits the filter.
+        sandbox.confine(hide=not smap.jail)
         loop = new_loop(loop_kind)
         jail.enter(smap.directory, smap.jail, smap.userid, smap.groupid)
     except ConfigError as exc:
         log.failure(LOG_ERR, f"fwtkcfgerr: {exc}")
         return EX_CONFIG
-    except jail.JailError as exc:
+    except (jail.JailError, sandbox.SandboxError) as exc:
         log.failure(LOG_CRIT, f"securityalert: {exc}")
         return exc.exit_code
     except StoreError as exc:

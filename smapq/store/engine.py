@@ -12,6 +12,11 @@ flock on the database's directory) from BEGIN to COMMIT or ROLLBACK, as every ot
 writer of the file does, so the deliverer and admin verbs queue up behind the
 receivers in arrival order instead of racing them in SQLite's busy handler.
 
+Never created by accident: a read-write engine opens the file with ``mode=rw``, so a
+missing database is an error instead of a new empty file (owned by whoever ran the
+command, with the umask's mode). Only ``smapq init`` (and tests) pass ``create=True``,
+after making the file with the owner and mode the table asks for.
+
 A SQLAlchemy URL (``database postgresql+psycopg://...``) is passed through unchanged,
 so the PostgreSQL backend drops in without touching callers.
 """
@@ -30,22 +35,30 @@ from smapq.store.writelock import WriteLock
 BUSY_TIMEOUT_MS = 5000
 
 
-def sqlite_url(path: str, readonly: bool = False) -> str:
-    if readonly:
-        return f"sqlite:///file:{path}?mode=ro&uri=true"
-    return f"sqlite:///{path}"
+def _uri_path(path: str) -> str:
+    """``path`` for an SQLite ``file:`` URI: the characters a URI gives meaning escaped."""
+    return path.replace("%", "%25").replace("?", "%3f").replace("#", "%23")
 
 
-def url_for(database: str, readonly: bool = False) -> str:
+def sqlite_url(path: str, readonly: bool = False, create: bool = False) -> str:
+    if create and not readonly:
+        return f"sqlite:///{path}"
+    mode = "ro" if readonly else "rw"
+    return f"sqlite:///file:{_uri_path(path)}?mode={mode}&uri=true"
+
+
+def url_for(database: str, readonly: bool = False, create: bool = False) -> str:
     """``database`` is a SQLAlchemy URL or a file path."""
     if "://" in database:
         return database
-    return sqlite_url(database, readonly)
+    return sqlite_url(database, readonly, create)
 
 
-def make_engine(database: str, readonly: bool = False, busy_ms: int = BUSY_TIMEOUT_MS) -> Engine:
+def make_engine(
+    database: str, readonly: bool = False, busy_ms: int = BUSY_TIMEOUT_MS, create: bool = False
+) -> Engine:
     """An engine for ``database`` (path or URL); see the module docstring for pragmas."""
-    url = url_for(database, readonly)
+    url = url_for(database, readonly, create)
     if not url.startswith("sqlite"):
         return create_engine(url, pool_pre_ping=True)
     # NullPool: these are short-lived CLI processes and forking deliverers; a pooled

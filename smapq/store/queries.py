@@ -31,6 +31,7 @@ from sqlalchemy import (
     select,
     text,
 )
+from sqlalchemy.exc import DBAPIError
 
 from smapq.store import states
 from smapq.store.schema import events, messages, recipients
@@ -194,6 +195,7 @@ CLAIM_COLUMNS = (
     messages.c.lease_token,
     messages.c.trace,
     messages.c.body,
+    messages.c.body_sha256,
 )
 
 
@@ -207,10 +209,13 @@ def recover_expired_stmt(now: Any, keep_owner: Any = None) -> Any:
     )
     if keep_owner is not None:
         stmt = stmt.where(func.coalesce(messages.c.lease_owner, "") != keep_owner)
+    # Due at once (not at its old next_attempt_at): a ``--once`` run takes only what
+    # was due when it began, so a row it recovers mid-run waits for the next run.
     return stmt.values(
         state=states.RECEIVED,
         attempts=messages.c.attempts + 1,
         lease_expires_at=None,
+        next_attempt_at=now,
         updated_at=now,
     ).returning(messages.c.id, messages.c.queue_id, messages.c.lease_owner)
 
@@ -259,25 +264,29 @@ def recover_expired(conn: Connection, now: float, keep_owner: str | None = None)
 def claim_stmt(owner: Any, now: Any, lease: Any, limit: Any) -> Any:
     """The claim UPDATE with values (tests, plans); ``claim`` runs the form built once
     with bind parameters."""
-    return _claim_build(owner, now, now + lease, limit)
+    return _claim_build(owner, now, now + lease, limit, now)
 
 
 def _claim_cached() -> Any:
     stmt = _DELIVERER_STMTS.get("claim")
     if stmt is None:
         stmt = _DELIVERER_STMTS["claim"] = _claim_build(
-            bindparam("c_owner"), bindparam("c_now"), bindparam("c_expires"), bindparam("c_limit")
+            bindparam("c_owner"),
+            bindparam("c_now"),
+            bindparam("c_expires"),
+            bindparam("c_limit"),
+            bindparam("c_due"),
         )
     return stmt
 
 
-def _claim_build(owner: Any, now: Any, expires: Any, limit: Any) -> Any:
+def _claim_build(owner: Any, now: Any, expires: Any, limit: Any, due_by: Any) -> Any:
     # The subquery's FOR UPDATE SKIP LOCKED makes concurrent PostgreSQL deliverers skip
     # each other's rows; SQLite drops it and serialises on BEGIN IMMEDIATE instead.
     due = (
         select(messages.c.id)
         .where(messages.c.state == states.RECEIVED)
-        .where(messages.c.next_attempt_at <= now)
+        .where(messages.c.next_attempt_at <= due_by)
         .order_by(messages.c.next_attempt_at)
         .limit(limit)
         .with_for_update(skip_locked=True)
@@ -300,17 +309,107 @@ def _claim_build(owner: Any, now: Any, expires: Any, limit: Any) -> Any:
     )
 
 
-def _claim_params(owner: str, now: float, lease: float, limit: int) -> dict[str, Any]:
-    return {"c_owner": owner, "c_now": now, "c_expires": now + lease, "c_limit": limit}
+def _claim_params(
+    owner: str, now: float, lease: float, limit: int, due_by: float | None = None
+) -> dict[str, Any]:
+    return {
+        "c_owner": owner,
+        "c_now": now,
+        "c_expires": now + lease,
+        "c_limit": limit,
+        "c_due": now if due_by is None else min(now, due_by),
+    }
 
 
-def claim(conn: Connection, owner: str, now: float, lease: float, limit: int) -> list[Row[Any]]:
-    """Claim up to ``limit`` due messages for ``owner``; oldest due first, one event each."""
+def claim(
+    conn: Connection,
+    owner: str,
+    now: float,
+    lease: float,
+    limit: int,
+    due_by: float | None = None,
+) -> list[Row[Any]]:
+    """Claim up to ``limit`` due messages for ``owner``; oldest due first, one event each.
+
+    ``due_by``: only messages due by then (``deliver --once`` passes its start time, so
+    a message it defers is not taken again in the same run).
+    """
     # RETURNING order is unspecified; hand messages out oldest-due first.
     rows = sorted(
-        conn.execute(_claim_cached(), _claim_params(owner, now, lease, limit)),
+        conn.execute(_claim_cached(), _claim_params(owner, now, lease, limit, due_by)),
         key=lambda r: (r[4], r[0]),  # (next_attempt_at, id): see CLAIM_COLUMNS
     )
+    _claim_events(conn, owner, now, rows)
+    return rows
+
+
+def claim_one(
+    conn: Connection,
+    owner: str,
+    message_id: int,
+    now: float,
+    lease: float,
+    due_by: float | None = None,
+) -> Row[Any] | None:
+    """Claim one message by id if it is still due (the deliverer's careful mode, used
+    once the database has shown damage: one row at a time, so one unreadable row
+    fails alone)."""
+    cutoff = now if due_by is None else min(now, due_by)
+    stmt = (
+        messages.update()
+        .where(messages.c.id == message_id)
+        .where(messages.c.state == states.RECEIVED)
+        .where(messages.c.next_attempt_at <= cutoff)
+        .values(
+            state=states.DELIVERING,
+            lease_owner=owner,
+            lease_expires_at=now + lease,
+            lease_token=messages.c.lease_token + 1,
+            updated_at=now,
+        )
+        .returning(*CLAIM_COLUMNS)
+    )
+    row = conn.execute(stmt).first()
+    if row is not None:
+        _claim_events(conn, owner, now, [row])
+    return row
+
+
+def due_ids(conn: Connection, due_by: float, limit: int) -> list[int]:
+    """Ids of due messages, oldest due first, from the due index alone (rows another
+    deliverer holds locked are skipped, as the claim skips them)."""
+    stmt = (
+        select(messages.c.id)
+        .where(messages.c.state == states.RECEIVED)
+        .where(messages.c.next_attempt_at <= due_by)
+        .order_by(messages.c.next_attempt_at)
+        .limit(limit)
+        .with_for_update(skip_locked=True)
+    )
+    return [int(i) for i in conn.execute(stmt).scalars()]
+
+
+def due_ids_between(conn: Connection, low: int, high: int, due_by: float) -> list[int]:
+    """Ids of due messages with ``low <= id <= high``, walking the table itself (not the
+    due index, which may be the damaged part): the careful mode's fallback."""
+    stmt = (
+        select(messages.c.id)
+        .with_hint(messages, "NOT INDEXED", "sqlite")
+        .where(messages.c.id.between(low, high))
+        .where(messages.c.state == states.RECEIVED)
+        .where(messages.c.next_attempt_at <= due_by)
+        .order_by(messages.c.id)
+    )
+    return [int(i) for i in conn.execute(stmt).scalars()]
+
+
+def id_bounds(conn: Connection) -> tuple[int, int]:
+    """(lowest, highest) message id, (1, 0) for an empty queue."""
+    low, high = conn.execute(select(func.min(messages.c.id), func.max(messages.c.id))).one()
+    return (1, 0) if low is None else (int(low), int(high))
+
+
+def _claim_events(conn: Connection, owner: str, now: float, rows: Sequence[Row[Any]]) -> None:
     insert_events(
         conn,
         [
@@ -323,7 +422,6 @@ def claim(conn: Connection, owner: str, now: float, lease: float, limit: int) ->
             for r in rows
         ],
     )
-    return rows
 
 
 def unsent_recipients(conn: Connection, message_ids: Sequence[int]) -> list[Row[Any]]:
@@ -405,17 +503,6 @@ def mark_sent(
     return conn.execute(mark_sent_stmt(), params).rowcount > 0
 
 
-def note_recipients(conn: Connection, recipient_ids: Sequence[int], result: str) -> None:
-    """The last result for recipients that were not delivered (temp or perm failure)."""
-    if recipient_ids:
-        stmt = (
-            recipients.update()
-            .where(recipients.c.id.in_(recipient_ids))
-            .values(last_result=result)
-        )
-        conn.execute(stmt)
-
-
 FINISH_COLUMNS = ("state", "attempts", "next_attempt_at", "delivered_at")
 
 
@@ -437,32 +524,6 @@ def finish_stmt() -> Any:
             )
         )
     return stmt
-
-
-def finish(
-    conn: Connection,
-    message_id: int,
-    token: int,
-    queue_id: str,
-    kind: str,
-    values: Mapping[str, Any],
-    now: float,
-    code: int | None,
-    detail: str,
-) -> bool:
-    """One outcome: fenced UPDATE of the message plus its event; False if fenced off.
-
-    ``kind`` is the event (delivered, deferred, bad, recovered); ``values`` holds the
-    new ``FINISH_COLUMNS`` (all of them: state, attempts, next_attempt_at,
-    delivered_at).
-    """
-    params = {f"m_{c}": values[c] for c in FINISH_COLUMNS}
-    params.update(m_id=message_id, m_token=token, m_now=now, m_exit=code, m_result=detail)
-    if conn.execute(finish_stmt(), params).rowcount != 1:
-        return False
-    event = {"at": now, "kind": kind, "queue_id": queue_id, "code": code, "detail": detail}
-    conn.execute(_event_stmt(), {c: event.get(c) for c in EVENT_COLUMNS})
-    return True
 
 
 def _event_stmt() -> Any:
@@ -640,6 +701,45 @@ def deliverer_sync(conn: Connection) -> None:
     """
     if conn.dialect.name == "sqlite":
         conn.connection.dbapi_connection.execute("PRAGMA synchronous = NORMAL")  # type: ignore[union-attr]
+
+
+def checkpoint(conn: Connection) -> bool:
+    """SQLite: copy the WAL into the database now (PASSIVE: waits for nobody).
+
+    Outside any transaction. Once every frame is copied, the next writer starts the
+    WAL again from its beginning, reusing the space the file already holds instead of
+    growing it -- what lets a nearly full spool keep taking outcomes. True when the
+    whole WAL was copied (or there is no WAL: another backend).
+    """
+    if conn.dialect.name != "sqlite":
+        return True
+    raw = conn.connection.dbapi_connection
+    assert raw is not None
+    sql = "PRAGMA wal_checkpoint(PASSIVE)"
+    dbapi = conn.dialect.loaded_dbapi
+    try:
+        busy, log, done = raw.execute(sql).fetchone()
+    except dbapi.Error as exc:  # the driver's own error: wrap it as SQLAlchemy would
+        raise DBAPIError.instance(sql, None, exc, dbapi.Error) from exc
+    return not busy and log == done
+
+
+def purge_events(conn: Connection, cutoff: float, limit: int) -> int:
+    """Delete up to ``limit`` of the oldest events from before ``cutoff``; how many.
+
+    Events of a message still waiting (received, delivering, held) are kept whatever
+    their age: they are that message's history, which ``queue show`` and the hold
+    accounting (``held_seconds``) read.
+    """
+    e, m = events.c, messages.c
+    waiting = (
+        select(m.id)
+        .where(m.queue_id == e.queue_id, m.state.in_(states.WAITING))
+        .correlate(events)
+        .exists()
+    )
+    oldest = select(e.id).where(e.at < cutoff, ~waiting).order_by(e.at).limit(limit)
+    return int(conn.execute(events.delete().where(e.id.in_(oldest))).rowcount)
 
 
 def data_version(conn: Connection) -> int:
@@ -1066,12 +1166,6 @@ def report_bad_list(
         .limit(limit)
     )
     return list(conn.execute(stmt))
-
-
-def _kind_count(kind: str | Sequence[str]) -> Any:
-    e = events.c
-    cond = e.kind == kind if isinstance(kind, str) else e.kind.in_(list(kind))
-    return func.count().filter(cond)
 
 
 SESSION_KINDS = ("connect", "accept", "reject", "vrfy", "expn", "timeout")

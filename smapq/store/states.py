@@ -38,35 +38,3 @@ HELD = "held"
 
 STATES = (RECEIVED, DELIVERING, DELIVERED, BAD, HELD)
 WAITING = (RECEIVED, DELIVERING, HELD)
-FINAL = (DELIVERED, BAD)
-
-# Event kinds in the envelope log (events.kind). Session events come from the receiver,
-# queue events from the deliverer and the admin verbs.
-SESSION_EVENTS = (
-    "connect",
-    "helo",
-    "mail",
-    "rcpt",
-    "reject",
-    "accept",
-    "vrfy",
-    "expn",
-    "timeout",
-    "disconnect",
-    "jail",
-)
-QUEUE_EVENTS = (
-    "claim",
-    "renew",
-    "delivered",
-    "deferred",
-    "bad",
-    "recovered",
-    "requeued",
-    "held",
-    "released",
-    "deleted",
-    "purged",
-    "imported",
-    "exported",
-)

@@ -17,7 +17,7 @@ from smapq.store.ids import new_queue_id
 
 @pytest.fixture
 def engine(tmp_path: Path) -> Engine:
-    e = make_engine(str(tmp_path / "q.db"))
+    e = make_engine(str(tmp_path / "q.db"), create=True)
     migrate.upgrade(e)
     return e
 

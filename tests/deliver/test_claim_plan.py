@@ -23,7 +23,7 @@ def _plan(engine: Engine, stmt: object) -> list[str]:
 
 
 def test_claim_updates_by_primary_key_without_statistics(tmp_path: Path) -> None:
-    engine = make_engine(str(tmp_path / "q.db"))
+    engine = make_engine(str(tmp_path / "q.db"), create=True)
     migrate.upgrade(engine)
     with engine.begin() as conn:
         for i in range(500):

@@ -342,3 +342,26 @@ def test_missing_queue_database_is_an_error_not_a_new_file(q: Queue) -> None:
     assert proc.returncode == 1
     assert "does not exist: run 'smapq init'" in proc.stderr
     assert not q.spool.db.exists()
+
+
+def test_once_takes_each_due_message_at_most_once(tmp_path: Path, standin: StandIn) -> None:
+    """Finding 5 of the hardening review: with a short backoff and a sendmail that hangs
+    until killed, one --once run tried one message 7 times and took 102 s for 5."""
+    q = make_queue(
+        tmp_path,
+        str(standin.path),
+        "smapd: minbackoff 1\nsmapd: sendmailtimeout 1\nsmapd: maxchildren 1\n",
+    )
+    standin.hold()
+    ids = [q.add([f"r{i}@x.example"]) for i in range(5)]
+    proc = q.deliver()
+    assert proc.returncode == EX_TEMPFAIL, proc.stderr
+    calls = standin.calls()
+    assert sorted(c.recipients[0] for c in calls) == [f"r{i}@x.example" for i in range(5)]
+    for qid in ids:
+        row = q.row(qid)
+        assert (row.state, row.attempts) == ("received", 1)
+    # Due again a second later: the next run takes each of them once more.
+    time.sleep(1.1)
+    q.deliver()
+    assert len(standin.calls()) == 10

@@ -104,7 +104,7 @@ def test_headers_are_unfolded_and_stop_at_the_body() -> None:
 
 @pytest.fixture
 def engine(tmp_path: Path) -> Engine:
-    e = make_engine(str(tmp_path / "q.db"))
+    e = make_engine(str(tmp_path / "q.db"), create=True)
     migrate.upgrade(e)
     return e
 

@@ -22,14 +22,14 @@ def _diff(db: Path) -> list[object]:
 
 def test_upgrade_head_equals_models(tmp_path: Path) -> None:
     db = tmp_path / "q.db"
-    engine = make_engine(str(db))
+    engine = make_engine(str(db), create=True)
     migrate.upgrade(engine)
     assert migrate.current_revision(engine) == migrate.head_revision(engine)
     assert _diff(db) == []
 
 
 def test_indexes_and_constraints_exist_after_upgrade(tmp_path: Path) -> None:
-    engine = make_engine(str(tmp_path / "q.db"))
+    engine = make_engine(str(tmp_path / "q.db"), create=True)
     migrate.upgrade(engine)
     insp = inspect(engine)
     for table in metadata.tables.values():
@@ -42,7 +42,7 @@ def test_indexes_and_constraints_exist_after_upgrade(tmp_path: Path) -> None:
 
 def test_downgrade_to_base_and_upgrade_again(tmp_path: Path) -> None:
     db = tmp_path / "q.db"
-    engine = make_engine(str(db))
+    engine = make_engine(str(db), create=True)
     migrate.upgrade(engine)
     migrate.downgrade(engine, "base")
     assert migrate.current_revision(engine) is None
@@ -52,7 +52,7 @@ def test_downgrade_to_base_and_upgrade_again(tmp_path: Path) -> None:
 
 
 def test_every_revision_steps_down_and_up(tmp_path: Path) -> None:
-    engine = make_engine(str(tmp_path / "q.db"))
+    engine = make_engine(str(tmp_path / "q.db"), create=True)
     script = migrate.ScriptDirectory.from_config(migrate.alembic_config(engine))
     revisions = [r.revision for r in script.walk_revisions()][::-1]
     for rev in revisions:

@@ -16,7 +16,7 @@ from smapq.store.ids import QUEUE_ID_LEN, new_queue_id
 
 @pytest.fixture
 def engine(tmp_path: Path) -> Engine:
-    e = make_engine(str(tmp_path / "q.db"))
+    e = make_engine(str(tmp_path / "q.db"), create=True)
     migrate.upgrade(e)
     return e
 
