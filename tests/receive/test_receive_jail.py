@@ -51,6 +51,8 @@ def test_receiver_is_chrooted_and_runs_as_nobody(
     assert os.readlink(f"/proc/{pid}/root") == str(rig.spool.directory)
     assert os.readlink(f"/proc/{pid}/cwd") == str(rig.spool.directory)
     assert st["CapEff"] == ["0000000000000000"]
+    # confined: no process it runs can reach another of its uid (smapq.sandbox)
+    assert (st["NoNewPrivs"], st["Seccomp"]) == (["1"], ["2"])
 
 
 def test_jail_off_still_drops_privileges_and_says_so(

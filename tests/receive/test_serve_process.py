@@ -99,6 +99,7 @@ def test_every_worker_is_jailed(rig_factory: Callable[..., Rig]) -> None:
         assert st["Gid"] == [str(NOBODY.pw_gid)] * 4
         assert st["Groups"] == []
         assert st["CapEff"] == ["0000000000000000"]
+        assert (st["NoNewPrivs"], st["Seccomp"]) == (["1"], ["2"])
         assert os.readlink(f"/proc/{pid}/root") == str(rig.spool.directory)
 
 
