@@ -64,9 +64,8 @@ def make_engine(
     # NullPool: these are short-lived CLI processes and forking deliverers; a pooled
     # SQLite connection must never cross a fork.
     engine = create_engine(url, poolclass=NullPool)
-    _sqlite_pragmas(engine, readonly, busy_ms)
-    if not readonly:
-        _write_lock(engine, os.path.dirname(os.path.abspath(database)))
+    lock = None if readonly else _write_lock(engine, os.path.dirname(os.path.abspath(database)))
+    _sqlite_pragmas(engine, readonly, busy_ms, lock)
     return engine
 
 
@@ -101,7 +100,7 @@ class _EngineLock:
             self.threads.release()
 
 
-def _write_lock(engine: Engine, directory: str) -> None:
+def _write_lock(engine: Engine, directory: str) -> _EngineLock:
     lock = _EngineLock(directory)
     dialect: Any = engine.dialect
     do_commit, do_rollback = dialect.do_commit, dialect.do_rollback
@@ -123,12 +122,12 @@ def _write_lock(engine: Engine, directory: str) -> None:
 
     dialect.do_commit = commit
     dialect.do_rollback = rollback
-
-    # insert=True: before the listener that sends BEGIN IMMEDIATE.
-    event.listen(engine, "begin", lambda conn: lock.acquire(), insert=True)
+    return lock
 
 
-def _sqlite_pragmas(engine: Engine, readonly: bool, busy_ms: int) -> None:
+def _sqlite_pragmas(
+    engine: Engine, readonly: bool, busy_ms: int, lock: _EngineLock | None
+) -> None:
     @event.listens_for(engine, "connect")
     def _on_connect(dbapi_conn: Any, _record: Any) -> None:
         # Take transaction control away from the pysqlite driver: we emit BEGIN ourselves.
@@ -145,4 +144,14 @@ def _sqlite_pragmas(engine: Engine, readonly: bool, busy_ms: int) -> None:
 
     @event.listens_for(engine, "begin")
     def _on_begin(conn: Any) -> None:
-        conn.exec_driver_sql("BEGIN" if readonly else "BEGIN IMMEDIATE")
+        if lock is None:
+            conn.exec_driver_sql("BEGIN")
+            return
+        # The queue's write lock first, SQLite's after: a writer waiting for its turn
+        # must not hold SQLite's lock, or the one whose turn it is waits on it in turn.
+        lock.acquire()
+        try:
+            conn.exec_driver_sql("BEGIN IMMEDIATE")
+        except BaseException:
+            lock.release()
+            raise

@@ -108,3 +108,47 @@ def test_queue_ids_are_unique_and_sort_by_time() -> None:
     assert len(set(ids)) == len(ids)
     assert ids == sorted(ids)
     assert all(len(i) == QUEUE_ID_LEN and i.isalnum() for i in ids)
+
+
+def test_writers_take_the_queue_write_lock_before_sqlites(engine: Engine, tmp_path: Path) -> None:
+    """A writer waiting for the queue's write lock (smapq.store.writelock) holds no
+    SQLite lock meanwhile: the order is flock, then BEGIN IMMEDIATE.  The other order
+    deadlocked a serve writer (holding the flock, waiting for SQLite's lock) with the
+    deliverer (holding SQLite's lock, waiting for the flock) until the busy timeout."""
+    import fcntl
+    import os
+    import threading
+    import time
+
+    fd = os.open(tmp_path, os.O_RDONLY)
+    fcntl.flock(fd, fcntl.LOCK_EX)
+    done = threading.Event()
+
+    def write() -> None:
+        with engine.begin() as conn:
+            conn.execute(text("UPDATE alembic_version SET version_num = version_num"))
+        done.set()
+
+    worker = threading.Thread(target=write)
+    worker.start()
+    try:
+        time.sleep(0.3)  # the writer is waiting for the flock by now
+        assert not done.is_set()
+        other = sqlite3.connect(tmp_path / "q.db", timeout=0, isolation_level=None)
+        other.execute("BEGIN IMMEDIATE")  # SQLite's write lock is free: it holds none
+        other.execute("ROLLBACK")
+        other.close()
+        held = os.open(tmp_path, os.O_RDONLY)  # and the flock is still ours alone
+        try:
+            with pytest.raises(BlockingIOError):
+                fcntl.flock(held, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        finally:
+            os.close(held)
+    finally:
+        fcntl.flock(fd, fcntl.LOCK_UN)
+        os.close(fd)
+        worker.join(30)
+    assert done.is_set()
+    free = os.open(tmp_path, os.O_RDONLY)  # released after its COMMIT
+    fcntl.flock(free, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    os.close(free)
