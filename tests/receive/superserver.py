@@ -75,10 +75,11 @@ def free_port() -> int:
     raise RuntimeError("no free loopback port")
 
 
-def listeners(port: int) -> set[int]:
-    """Socket inodes listening on TCP ``port`` (any address), from /proc/net."""
+def tcp_sockets(port: int) -> list[tuple[str, int]]:
+    """(state, inode) of every TCP socket whose local port is ``port``, from /proc/net
+    (state 0A: listening; inode 0: orphaned after close, e.g. in FIN_WAIT2)."""
     want = f":{port:04X}"
-    found: set[int] = set()
+    found = []
     for table in ("/proc/net/tcp", "/proc/net/tcp6"):
         try:
             lines = Path(table).read_text().splitlines()[1:]
@@ -86,9 +87,23 @@ def listeners(port: int) -> set[int]:
             continue
         for line in lines:
             fields = line.split()
-            if fields[1].endswith(want) and fields[3] == "0A":
-                found.add(int(fields[9]))
+            if fields[1].endswith(want):
+                found.append((fields[3], int(fields[9])))
     return found
+
+
+def listeners(port: int) -> set[int]:
+    """Socket inodes listening on TCP ``port`` (any address)."""
+    return {inode for state, inode in tcp_sockets(port) if state == "0A"}
+
+
+def proc_status(pid: int) -> dict[str, list[str]]:
+    """/proc/PID/status as field -> words."""
+    out = {}
+    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+        key, _, value = line.partition(":")
+        out[key] = value.split()
+    return out
 
 
 def socket_inodes(pid: int) -> set[int]:
@@ -208,21 +223,9 @@ class SuperServer:
         return sock
 
     def established(self) -> int:
-        """Connections to our port that the server side still holds open."""
-        want = f":{self.port:04X}"
-        count = 0
-        for table in ("/proc/net/tcp", "/proc/net/tcp6"):
-            try:
-                lines = Path(table).read_text().splitlines()[1:]
-            except OSError:
-                continue
-            for line in lines:
-                fields = line.split()
-                # The server's end (local port ours), not the listener (0A), and still
-                # held by a process (inode 0: orphaned after close, e.g. FIN_WAIT2).
-                if fields[1].endswith(want) and fields[3] != "0A" and fields[9] != "0":
-                    count += 1
-        return count
+        """Connections to our port that the server side still holds open (not the
+        listener, not orphaned)."""
+        return sum(1 for state, inode in tcp_sockets(self.port) if state != "0A" and inode)
 
     def children(self, running: bool = False) -> list[int]:
         """Pids of the super-server's children (``running``: zombies left out); for

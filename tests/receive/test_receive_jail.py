@@ -15,19 +15,11 @@ import pytest
 from smapq.smtp import replies as R
 from tests.conftest import make_spool, program, root_only
 from tests.receive.conftest import Rig
-from tests.receive.superserver import Client, wait_until
+from tests.receive.superserver import Client, proc_status, wait_until
 
 pytestmark = [pytest.mark.integration, pytest.mark.privileged, root_only]
 
 NOBODY = pwd.getpwnam("nobody")
-
-
-def status(pid: int) -> dict[str, list[str]]:
-    out = {}
-    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
-        key, _, value = line.partition(":")
-        out[key] = value.split()
-    return out
 
 
 def open_session(rig: Rig) -> tuple[int, Client]:
@@ -44,7 +36,7 @@ def test_receiver_is_chrooted_and_runs_as_nobody(
 ) -> None:
     rig = rig_factory(kind=kind)
     pid, _ = open_session(rig)
-    st = status(pid)
+    st = proc_status(pid)
     assert st["Uid"] == [str(NOBODY.pw_uid)] * 4
     assert st["Gid"] == [str(NOBODY.pw_gid)] * 4
     assert st["Groups"] == []  # setgroups([]): none of root's groups survive
@@ -60,7 +52,7 @@ def test_jail_off_still_drops_privileges_and_says_so(
 ) -> None:
     rig = rig_factory("smap: jail off\n", kind=transport)
     pid, c = open_session(rig)
-    st = status(pid)
+    st = proc_status(pid)
     assert st["Uid"] == [str(NOBODY.pw_uid)] * 4
     assert os.readlink(f"/proc/{pid}/root") == "/"
     # inetd put the socket on fd 2 too: the notice must not have reached the client.

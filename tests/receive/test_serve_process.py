@@ -25,6 +25,7 @@ from tests.receive.superserver import (
     Client,
     free_port,
     listeners,
+    proc_status,
     socket_inodes,
     wait_until,
 )
@@ -32,14 +33,6 @@ from tests.receive.superserver import (
 pytestmark = pytest.mark.integration
 
 NOBODY = pwd.getpwnam("nobody")
-
-
-def status(pid: int) -> dict[str, list[str]]:
-    out = {}
-    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
-        key, _, value = line.partition(":")
-        out[key] = value.split()
-    return out
 
 
 def all_pids() -> list[int]:
@@ -88,13 +81,15 @@ def test_every_worker_is_jailed(rig_factory: Callable[..., Rig]) -> None:
     rig.client().cmd(b"QUIT")
     workers = rig.server.children(running=True)
     # A worker starts as root (it reads the table) and jails itself before it serves.
-    wait_until(lambda: all(status(pid)["Uid"][0] != "0" for pid in workers), 60, "not jailed yet")
+    wait_until(
+        lambda: all(proc_status(pid)["Uid"][0] != "0" for pid in workers), 60, "not jailed yet"
+    )
     assert rig.server.proc is not None
-    assert status(rig.server.proc.pid)["Uid"][0] == "0"  # the supervisor stays root
+    assert proc_status(rig.server.proc.pid)["Uid"][0] == "0"  # the supervisor stays root
     writers = [pid for pid in all_pids() if parent(pid) in workers]
     assert len(writers) == 2  # each worker's queue writer, forked inside the jail
     for pid in workers + writers:
-        st = status(pid)
+        st = proc_status(pid)
         assert st["Uid"] == [str(NOBODY.pw_uid)] * 4
         assert st["Gid"] == [str(NOBODY.pw_gid)] * 4
         assert st["Groups"] == []
