@@ -46,9 +46,8 @@ BODY = (
     + b"A line of body text that is about seventy characters long, give or take.\r\n" * 40
 )
 EHLO = b"EHLO bench.example\r\n"  # EHLO ends a pipelined group (RFC 2920 3.1)
-MESSAGE = (
-    b"MAIL FROM:<bench@example.org> SIZE=%d\r\nRCPT TO:<sink@example.net>\r\nDATA\r\n"
-    % len(BODY)
+MESSAGE = b"MAIL FROM:<bench@example.org> SIZE=%d\r\nRCPT TO:<sink@example.net>\r\nDATA\r\n" % len(
+    BODY
 )
 
 
