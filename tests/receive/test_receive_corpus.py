@@ -519,3 +519,39 @@ def test_nul_in_message_data_is_refused(rig: Rig) -> None:
     assert rig.rows("SELECT detail, code FROM events WHERE kind = 'reject'") == [
         ("NUL character in message data", 550)
     ]
+
+
+def test_concurrent_smtplib_clients_each_get_their_own_messages(rig: Rig) -> None:
+    """Eight smtplib clients at once, three messages each over one connection: every
+    250 names a stored message holding exactly what that client sent."""
+    import threading
+
+    acked: dict[str, bytes] = {}
+    errors: list[BaseException] = []
+    lock = threading.Lock()
+
+    def client(n: int) -> None:
+        try:
+            with smtplib.SMTP("127.0.0.1", rig.server.port, timeout=120) as s:
+                s.ehlo(f"client{n}.example")
+                for i in range(3):
+                    body = f"Subject: {n}/{i}\r\n\r\nfrom client {n}, message {i}\r\n"
+                    s.mail(f"c{n}@example.org")
+                    s.rcpt(f"r{i}@example.net")
+                    code, reply = s.data(body.encode())
+                    assert code == 250, reply
+                    with lock:
+                        acked[reply.split()[-1].decode()] = body.encode()
+        except BaseException as exc:
+            with lock:
+                errors.append(exc)
+
+    threads = [threading.Thread(target=client, args=(n,)) for n in range(8)]
+    rig.opened += len(threads)
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(300)
+    assert not errors, errors
+    stored = dict(rig.rows("SELECT queue_id, body FROM messages"))
+    assert stored == acked
