@@ -369,3 +369,30 @@ def test_kill_9_under_load_loses_nothing_that_got_250(rig_factory: Callable[...,
         assert stored.get(token) == qid, f"{token!r} got 250 {qid} but is not stored"
     assert set(stored) <= dotted  # nothing stored whose data was not complete
     assert len(stored) == len(rows)  # and nothing twice
+
+
+def test_a_killed_writer_takes_its_worker_down_and_both_come_back(
+    rig_factory: Callable[..., Rig],
+) -> None:
+    """The writer process owns the queue; when it dies, its worker answers what it
+    cannot commit any more with a temporary failure (never 250), stops, and the
+    supervisor starts a new worker with a new writer."""
+    rig = rig_factory(kind="serve", serve_args=("--grace", "1"))
+    (worker,) = rig.server.children(running=True)
+    (writer,) = [pid for pid in all_pids() if parent(pid) == worker]
+    c = rig.client()
+    c.cmd(b"EHLO c")
+    c.cmd(b"MAIL FROM:<a@b.c>")
+    c.cmd(b"RCPT TO:<d@e.f>")
+    assert c.cmd(b"DATA") == R.R354_DATA
+    os.kill(writer, signal.SIGKILL)
+    reply = c.cmd(b"lost writer\r\n.")
+    # 451 when the message reached the worker first, 421 when its stop came first
+    assert reply in (R.R451_STORE_FAILED, R.R421_SHUTDOWN % rig.hostname()), reply
+    wait_until(lambda: set(rig.server.children(running=True)) - {worker}, 60, "no new worker")
+    after = rig.client()
+    assert send_message(after, b"new writer").startswith(b"250 ")
+    after.cmd(b"QUIT")
+    c.close()
+    rig.opened -= 1  # the first session's events died with its writer (audit, not mail)
+    assert rig.rows("SELECT body FROM messages") == [(b"new writer\r\n",)]
