@@ -378,9 +378,9 @@ def test_a_killed_writer_takes_its_worker_down_and_both_come_back(
     cannot commit any more with a temporary failure (never 250), stops, and the
     supervisor starts a new worker with a new writer."""
     rig = rig_factory(kind="serve", serve_args=("--grace", "1"))
+    c = rig.client()  # served: the worker and its writer are up
     (worker,) = rig.server.children(running=True)
     (writer,) = [pid for pid in all_pids() if parent(pid) == worker]
-    c = rig.client()
     c.cmd(b"EHLO c")
     c.cmd(b"MAIL FROM:<a@b.c>")
     c.cmd(b"RCPT TO:<d@e.f>")
