@@ -198,7 +198,8 @@ class SuperServer:
         deadline = time.monotonic() + START_TIMEOUT
         while True:
             found = listeners(port)
-            if found & socket_inodes(proc.pid):
+            # smapq serve listens before it forks: ready once a worker runs too
+            if found & socket_inodes(proc.pid) and (self.kind != SERVE or self.children()):
                 return None
             # openbsd-inetd keeps running (and says nothing without syslog) when its
             # bind fails; a listener that is not ours means someone else took the port.
