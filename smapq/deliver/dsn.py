@@ -77,6 +77,8 @@ REFUSED_STATUS = "5.1.3"  # an address smapd would not pass to sendmail (bad syn
 _BANNER = "# THIS IS A WARNING ONLY.  YOU DO NOT NEED TO RESEND YOUR MESSAGE. #"
 # "550 5.1.1 <bob@x>: ..." anywhere in a line of output, or a line starting "5.1.1".
 _REPLY = re.compile(r"(?<![\d.])([245])\d\d[ -]([245])\.(\d{1,3})\.(\d{1,3})(?![\d.])")
+# policy.ChildResult.describe's head, "exit 67 (EX_NOUSER): ", before the first line.
+_HEAD = re.compile(r"^exit -?\d+(?: \(\w+\))?(?::\s*|$)")
 _CODE = re.compile(r"^([245])\.(\d{1,3})\.(\d{1,3})(?![\d.])")
 
 
@@ -156,8 +158,7 @@ def _from_output(result: str) -> tuple[str, str] | None:
     """(enhanced status, the reply text from its code on) from sendmail's output, if
     it quotes an SMTP reply or starts a line with a status code."""
     for segment in result.split(" | "):
-        # The head "exit 67 (EX_NOUSER): " precedes the output's first line.
-        line = segment.split("): ", 1)[1] if segment.startswith("exit ") else segment
+        line = _HEAD.sub("", segment, count=1)
         match = _REPLY.search(line)
         if match and match.group(1) == match.group(2):
             return ".".join(match.group(2, 3, 4)), line[match.start() :]
@@ -196,7 +197,7 @@ def render(report: Report, queue_id: str, now: float) -> bytes:
     )
     head = [
         f"From: Mail Delivery System <postmaster@{report.host}>",
-        f"To: <{_printable(report.sender)}>",
+        _long(f"To: <{_printable(report.sender)}>"),
         f"Subject: {subject}",
         f"Date: {rfc5322_date(now)}",
         f"Message-ID: <{queue_id}.{int(now)}@{report.host}>",
@@ -281,13 +282,13 @@ def _status_part(r: Report) -> str:
     fields = [
         f"Reporting-MTA: dns; {r.host}",
         f"X-Smapq-Queue-ID: {r.about}",
-        f"X-Smapq-Sender: {_address_field(r.sender)}",
+        _long(f"X-Smapq-Sender: {_address_field(r.sender)}"),
         f"Arrival-Date: {rfc5322_date(r.arrival)}",
         "",
     ]
     for e in r.entries:
         fields += [
-            f"Final-Recipient: {_address_field(e.address)}",
+            _long(f"Final-Recipient: {_address_field(e.address)}"),
             f"Action: {r.action}",
             f"Status: {e.status}",
         ]
@@ -355,6 +356,13 @@ def _fold(field: str) -> str:
         else:
             lines[-1] += " " + word
     return "\r\n".join(lines)
+
+
+def _long(field: str) -> str:
+    """A field as it is, unless it would break the line limit: then folded (an address
+    that long -- possible only as escapes of a long non-ASCII one -- is mangled by the
+    fold, and still better than a message every relay refuses)."""
+    return field if len(field.encode("utf-8", "replace")) <= LINE_MAX else _fold(field)
 
 
 def _wrap(text: str) -> list[str]:

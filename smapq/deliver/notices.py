@@ -37,10 +37,11 @@ from typing import TYPE_CHECKING
 from sqlalchemy import Connection
 
 from smapq.deliver import command, dsn, policy
-from smapq.store import bounces, queries
+from smapq.store import bounces
 from smapq.store.ids import new_queue_id
 
 if TYPE_CHECKING:
+    from smapq.deliver.jobs import Job
     from smapq.deliver.outcomes import Plan
 
 
@@ -55,19 +56,22 @@ class Notices:
         lines to write once the transaction has committed."""
         lines: list[str] = []
         bounce = [p for p in plans if p.kind == policy.BAD and self._wanted(p, lines)]
-        warn = [p for p in plans if _late(p, now) and self._wanted(p, lines)]
+        warn = [
+            p
+            for p in plans
+            if p.kind == policy.RETRY and late(p.job, now) and self._wanted(p, lines)
+        ]
         if warn:
             told = bounces.warned(conn, [p.job.queue_id for p in warn])
             warn = [p for p in warn if p.job.queue_id not in told]
         if not bounce and not warn:
             return lines
         unsent = bounces.unsent_recipients(conn, [p.job.id for p in bounce + warn])
-        held = queries.held_seconds(conn, [p.job.queue_id for p in warn])
         for p in bounce:
             lines += self._one(conn, now, p, dsn.FAILED, unsent[p.job.id], None)
         for p in warn:
             s = p.job.settings
-            until = p.job.received_at + held.get(p.job.queue_id, 0.0) + s.maxqueuetime
+            until = p.job.received_at + p.held + s.maxqueuetime
             lines += self._one(conn, now, p, dsn.DELAYED, unsent[p.job.id], until)
         return lines
 
@@ -147,7 +151,7 @@ def _report(
     )
 
 
-def _late(p: Plan, now: float) -> bool:
-    """A deferral of a message older than ``delaywarning`` (when that is set)."""
-    age = p.job.settings.delaywarning
-    return p.kind == policy.RETRY and age > 0 and now - p.job.received_at >= age
+def late(job: Job, now: float) -> bool:
+    """Is ``job`` old enough for a delay warning, should it be deferred now?"""
+    s = job.settings
+    return s.bounce and s.delaywarning > 0 and now - job.received_at >= s.delaywarning

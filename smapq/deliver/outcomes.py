@@ -32,7 +32,7 @@ from sqlalchemy.exc import DBAPIError
 
 from smapq.deliver import policy
 from smapq.deliver.jobs import CRASHED, RELEASE, SENT, Job, Tally, Verdict
-from smapq.deliver.notices import Notices
+from smapq.deliver.notices import Notices, late
 from smapq.store import faults, queries, states
 
 FLUSH_DELAY = 0.02  # outcomes wait at most this long for a shared commit
@@ -47,6 +47,7 @@ class Plan:
         "detail",
         "event",
         "expired",
+        "held",
         "job",
         "kind",
         "notes",
@@ -65,6 +66,7 @@ class Plan:
         self.sent: list[tuple[int, str]] = []
         self.notes: list[tuple[int, str]] = []
         self.expired = False  # bad because maxqueuetime ran out
+        self.held = 0.0  # a deferral's seconds on hold, where they matter (_hold_matters)
         self.notice: str | None = None  # queue id of the sender notice it queued
 
     def row(self) -> dict[str, Any]:
@@ -161,7 +163,7 @@ class Recorder:
     def _commit(self, conn: Connection, batch: list[tuple[Job, Verdict]]) -> None:
         now = time.time()
         with conn.begin():
-            held_for = queries.held_seconds(conn, _near_deadline(batch, now))
+            held_for = queries.held_seconds(conn, _hold_matters(batch, now))
             plans = [
                 plan(job, verdict, now, held_for.get(job.queue_id, 0.0)) for job, verdict in batch
             ]
@@ -208,13 +210,17 @@ class Recorder:
         )
 
 
-def _near_deadline(batch: list[tuple[Job, Verdict]], now: float) -> list[str]:
-    """Queue ids of deferrals whose give-up deadline matters now (see policy)."""
+def _hold_matters(batch: list[tuple[Job, Verdict]], now: float) -> list[str]:
+    """Queue ids of deferrals whose give-up deadline matters now (see policy): near
+    it, or about to be named in a delay warning (Will-Retry-Until)."""
     out = []
     for job, verdict in batch:
         s = job.settings
-        if verdict.kind == policy.RETRY and policy.near_deadline(
-            now, job.received_at, job.attempts + 1, s.minbackoff, s.maxbackoff, s.maxqueuetime
+        if verdict.kind == policy.RETRY and (
+            policy.near_deadline(
+                now, job.received_at, job.attempts + 1, s.minbackoff, s.maxbackoff, s.maxqueuetime
+            )
+            or late(job, now)
         ):
             out.append(job.queue_id)
     return out
@@ -246,6 +252,7 @@ def plan(job: Job, verdict: Verdict, now: float, held: float = 0.0) -> Plan:
             detail = f"{text}; next try in {int(when - now)}s"
             p = Plan(job, kind, "deferred", detail, code)
             p.values = job.values(states.RECEIVED, attempts, next_attempt_at=when)
+            p.held = held
             p.notes = [(rid, text) for rid in verdict.rcpt_ids]
             return p
         age = f"{int(now - job.received_at)}s" + (f" ({int(held)}s of it held)" if held else "")

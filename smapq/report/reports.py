@@ -109,9 +109,10 @@ def summary(conn: Connection, w: Window) -> Report:
         ("bad_in_window", queries.report_event_count(conn, "bad", w.since, w.until), "messages"),
     ]
     went_bad, now_bad = metrics[-1][1], by_state[states.BAD][0]
+    notices = (("bounces_in_window", "bounced"), ("delay_warnings_in_window", "warned"))
     metrics += [
         (name, queries.report_event_count(conn, kind, w.since, w.until), "messages")
-        for name, kind in (("bounces_in_window", "bounced"), ("delay_warnings_in_window", "warned"))
+        for name, kind in notices
     ]
     report.rows = [(m, v, cell(_UNIT_SHOWN[u], v), u, SUMMARY_MEANING[m]) for m, v, u in metrics]
     if w.since is not None or w.until is not None:

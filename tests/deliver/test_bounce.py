@@ -20,6 +20,7 @@ from typing import Any
 
 import pytest
 
+from smapq.store import queries
 from tests.deliver.kit import Call, Queue, StandIn, make_queue, peek_log, standin, stop, wait_for
 
 __all__ = ["standin"]
@@ -104,7 +105,7 @@ def test_permanent_failure_bounces_the_failed_recipients_to_the_sender(
     assert msg["To"].addresses[0].addr_spec == "s@example.org"
     assert msg["Auto-Submitted"] == "auto-replied"
     assert msg["Subject"] == "Undelivered Mail Returned to Sender"
-    text, status, headers = msg.iter_parts()
+    text, _, headers = msg.iter_parts()
     assert text.get_content_type() == "text/plain"
     assert "exit67@y.example" in text.get_content()
     assert "r1@x.example" not in text.get_content()
@@ -134,9 +135,7 @@ def test_permanent_failure_bounces_the_failed_recipients_to_the_sender(
     assert values["bounces_in_window"] == 1 and values["delay_warnings_in_window"] == 0
 
 
-def test_maxqueuetime_bounces_with_delivery_time_expired(
-    tmp_path: Path, standin: StandIn
-) -> None:
+def test_maxqueuetime_bounces_with_delivery_time_expired(tmp_path: Path, standin: StandIn) -> None:
     q = make_queue(tmp_path, str(standin.path), BOUNCE)
     qid = q.add(["exit75@x.example"], body=BODY, received_at=time.time() - 6 * 86400)
     assert q.deliver().returncode == 1
@@ -220,6 +219,21 @@ def test_delay_warning_once_after_the_age(tmp_path: Path, standin: StandIn) -> N
         assert abs(when(entry["Will-Retry-Until"]) - (arrived + 5 * 86400)) < 1
 
 
+def test_delay_warning_counts_time_on_hold(tmp_path: Path, standin: StandIn) -> None:
+    q = make_queue(tmp_path, str(standin.path), BOUNCE + "smapd: delaywarning 1h\n")
+    arrived = time.time() - 3 * 3600
+    qid = q.add(["exit75@x.example"], received_at=arrived)
+    with q.engine.begin() as conn:  # as `smapq queue hold` and `release` record it
+        queries.add_event(conn, "held", at=arrived + 60, queue_id=qid)
+        queries.add_event(conn, "released", at=arrived + 60 + 1800, queue_id=qid)
+    q.deliver()
+    assert len(notices(q)) == 1
+    q.deliver()
+    _, [entry] = report_fields(parse(standin.calls()[-1]))
+    # Held mail does not age: the deadline moves by the half hour on hold.
+    assert abs(when(entry["Will-Retry-Until"]) - (arrived + 1800 + 5 * 86400)) < 1
+
+
 def test_bounce_is_off_by_default(tmp_path: Path, standin: StandIn) -> None:
     q = make_queue(tmp_path, str(standin.path), "smapd: delaywarning 1s\n")
     bad = q.add(["exit67@x.example"])
@@ -271,7 +285,7 @@ def test_a_failing_notice_insert_leaves_neither(tmp_path: Path, standin: StandIn
         assert q.events(qid).count("bounced") == 1
     finally:
         stop(daemon)
-    assert [c.recipients for c in standin.calls()][0] == ["exit67@x.example"]
+    assert standin.calls()[0].recipients == ["exit67@x.example"]
 
 
 def test_kill_9_inside_the_outcome_transaction_leaves_neither(
