@@ -76,8 +76,8 @@ SUMMARY_MEANING = {
     "oldest_waiting_age": "now: oldest not delivered or bad",
     "delivered_in_window": "deliveries in the window",
     "bad_in_window": "went bad in the window, even if requeued",
-    "bounces_in_window": "failure notices queued to senders (smapd: bounce)",
-    "delay_warnings_in_window": "delay warnings queued to senders (smapd: delaywarning)",
+    "bounces_in_window": "failure notices (DSNs) queued to senders",
+    "warnings_in_window": "delay warnings (DSNs) queued to senders",
 }
 
 
@@ -109,7 +109,7 @@ def summary(conn: Connection, w: Window) -> Report:
         ("bad_in_window", queries.report_event_count(conn, "bad", w.since, w.until), "messages"),
     ]
     went_bad, now_bad = metrics[-1][1], by_state[states.BAD][0]
-    notices = (("bounces_in_window", "bounced"), ("delay_warnings_in_window", "warned"))
+    notices = (("bounces_in_window", "bounced"), ("warnings_in_window", "warned"))
     metrics += [
         (name, queries.report_event_count(conn, kind, w.since, w.until), "messages")
         for name, kind in notices

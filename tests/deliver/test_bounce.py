@@ -132,7 +132,12 @@ def test_permanent_failure_bounces_the_failed_recipients_to_the_sender(
 
     summary = json.loads(q.spool.smapq("report", "summary", "--format", "json").stdout)
     values = {r["metric"]: r["value"] for r in summary["rows"]}
-    assert values["bounces_in_window"] == 1 and values["delay_warnings_in_window"] == 0
+    assert values["bounces_in_window"] == 1 and values["warnings_in_window"] == 0
+    metrics = q.spool.smapq("report", "metrics").stdout.splitlines()
+    assert "smapq_bounces_total 1" in metrics and "smapq_delay_warnings_total 0" in metrics
+    daily = q.spool.smapq("report", "daily").stdout
+    [line] = [ln for ln in daily.splitlines() if ln.strip().startswith("bounced:")]
+    assert line.split(":", 1)[1].split() == "1 failure notice, 0 delay warnings".split()
 
 
 def test_maxqueuetime_bounces_with_delivery_time_expired(tmp_path: Path, standin: StandIn) -> None:
