@@ -241,8 +241,9 @@ class Deliverer:
         stopping = bool(self.signals.stops)
         if self.recorder.due(len(self.inflight), stopping, self.once, self.settings.maxchildren):
             self.recorder.flush(self.conn)
-            # Our own commits do not change data_version for the waker: a notice just
-            # queued would otherwise wait for the next wakeup scan.
+            # A notice just queued is due now. SQLite's waker sees this commit too (its
+            # data_version moves on our own commits); one that hears only the
+            # receivers (PollWaker, a LISTEN) would leave it to the next wakeup scan.
             st.kicked |= self.noticed
             self.noticed = False
         if self.signals.hup:

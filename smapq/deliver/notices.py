@@ -96,13 +96,13 @@ class Notices:
         now: float,
         p: Plan,
         action: str,
-        unsent: list[tuple[str, str | None]],
+        unsent: list[str],
         until: float | None,
     ) -> list[str]:
         job = p.job
         if not unsent:
             return []  # nothing left that failed: every recipient was accepted
-        queue_id = new_queue_id(now)
+        queue_id = new_queue_id()
         try:
             report = _report(p, action, now, unsent, until)
             body = dsn.render(report, queue_id, now)
@@ -130,12 +130,15 @@ class Notices:
 
 
 def _report(
-    p: Plan, action: str, now: float, unsent: list[tuple[str, str | None]], until: float | None
+    p: Plan, action: str, now: float, unsent: list[str], until: float | None
 ) -> dsn.Report:
     job = p.job
+    # What this outcome recorded for its recipients (recipients.last_result), without
+    # a deferral's "; next try in ...": older per-recipient results may be stale.
+    result = p.notes[0][1] if p.notes else p.detail
     entries = []
-    for address, result in unsent:
-        entry = dsn.status_of(action, p.code, result or p.detail, p.expired)
+    for address in unsent:
+        entry = dsn.status_of(action, p.code, result, p.expired)
         entry.address = address
         entries.append(entry)
     return dsn.Report(

@@ -32,24 +32,20 @@ DSN = "dsn"  # the notice's own first event: which message it reports on
 PROTOCOL = "DSN"  # messages.protocol of a notice: made here, never received
 
 
-def unsent_recipients(
-    conn: Connection, message_ids: Sequence[int]
-) -> dict[int, list[tuple[str, str | None]]]:
-    """Per message, (address, last_result) of every recipient sendmail has not accepted,
-    in envelope order."""
-    out: dict[int, list[tuple[str, str | None]]] = {int(i): [] for i in message_ids}
+def unsent_recipients(conn: Connection, message_ids: Sequence[int]) -> dict[int, list[str]]:
+    """Per message, the address of every recipient sendmail has not accepted, in
+    envelope order."""
+    out: dict[int, list[str]] = {int(i): [] for i in message_ids}
     if not out:
         return out
     r = recipients.c
     stmt = (
-        select(r.message_id, r.address, r.last_result)
+        select(r.message_id, r.address)
         .where(r.message_id.in_(list(out)), r.sent_at.is_(None))
         .order_by(r.message_id, r.position)
     )
     for row in conn.execute(stmt):
-        out[int(row.message_id)].append(
-            (str(row.address), None if row.last_result is None else str(row.last_result))
-        )
+        out[int(row.message_id)].append(str(row.address))
     return out
 
 
