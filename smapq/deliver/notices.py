@@ -67,12 +67,17 @@ class Notices:
         if not bounce and not warn:
             return lines
         unsent = bounces.unsent_recipients(conn, [p.job.id for p in bounce + warn])
+        made: list[bounces.Notice] = []
         for p in bounce:
-            lines += self._one(conn, now, p, dsn.FAILED, unsent[p.job.id], None)
+            made += self._one(now, p, dsn.FAILED, unsent[p.job.id], None)
         for p in warn:
             s = p.job.settings
             until = p.job.received_at + p.held + s.maxqueuetime
-            lines += self._one(conn, now, p, dsn.DELAYED, unsent[p.job.id], until)
+            made += self._one(now, p, dsn.DELAYED, unsent[p.job.id], until)
+        bounces.queue_notices(conn, now, made)
+        for n in made:
+            kind = "non-delivery" if n.event == bounces.BOUNCED else "delay"
+            lines.append(f"{n.about}: sender {kind} notification: {n.queue_id}")
         return lines
 
     def _wanted(self, p: Plan, lines: list[str]) -> bool:
@@ -91,14 +96,9 @@ class Notices:
         return True
 
     def _one(
-        self,
-        conn: Connection,
-        now: float,
-        p: Plan,
-        action: str,
-        unsent: list[str],
-        until: float | None,
-    ) -> list[str]:
+        self, now: float, p: Plan, action: str, unsent: list[str], until: float | None
+    ) -> list[bounces.Notice]:
+        """The notice for one outcome (none if nothing failed or it cannot be made)."""
         job = p.job
         if not unsent:
             return []  # nothing left that failed: every recipient was accepted
@@ -111,22 +111,19 @@ class Notices:
             # failing it would stop the deliverer on this message again and again.
             self.log.exception("%s: no notice to the sender: it could not be made", job.queue_id)
             return []
-        event = bounces.BOUNCED if action == dsn.FAILED else bounces.WARNED
-        what = "failed" if action == dsn.FAILED else "delayed"
-        bounces.queue_notice(
-            conn,
-            queue_id=queue_id,
-            now=now,
-            recipient=report.sender,
-            trace=dsn.trace(report.host, queue_id, now),
-            body=body,
-            about=job.queue_id,
-            event=event,
-            detail=f"{queue_id}: {len(unsent)} recipient(s) {what}",
-        )
+        failed = action == dsn.FAILED
         p.notice = queue_id
-        kind = "non-delivery" if action == dsn.FAILED else "delay"
-        return [f"{job.queue_id}: sender {kind} notification: {queue_id}"]
+        return [
+            bounces.Notice(
+                queue_id,
+                report.sender,
+                dsn.trace(report.host, queue_id, now),
+                body,
+                job.queue_id,
+                bounces.BOUNCED if failed else bounces.WARNED,
+                f"{queue_id}: {len(unsent)} recipient(s) {'failed' if failed else 'delayed'}",
+            )
+        ]
 
 
 def _report(

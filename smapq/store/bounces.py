@@ -21,7 +21,7 @@ from collections.abc import Sequence
 from hashlib import sha256
 from typing import Any
 
-from sqlalchemy import Connection, insert, select
+from sqlalchemy import Connection, bindparam, insert, select
 
 from smapq.store import states
 from smapq.store.schema import events, messages, recipients
@@ -63,52 +63,90 @@ def warned(conn: Connection, queue_ids: Sequence[str]) -> set[str]:
     return {str(q) for (q,) in conn.execute(stmt)}
 
 
-def queue_notice(
-    conn: Connection,
-    *,
-    queue_id: str,
-    now: float,
-    recipient: str,
-    trace: str,
-    body: bytes,
-    about: str,
-    event: str,
-    detail: str,
-) -> int:
-    """Queue one notice: a ``received`` message from the null sender to ``recipient``,
-    due now, and its events; returns its messages.id.
+class Notice:
+    """One notice to queue: its message (from the null sender, to ``recipient``) and
+    the event on the message it reports on (``about``: BOUNCED or WARNED, ``detail``)."""
 
-    ``about`` is the queue id of the message reported on; ``event`` is BOUNCED or
-    WARNED, recorded on it with ``detail``.
-    """
-    row: dict[str, Any] = {
-        "queue_id": queue_id,
-        "state": states.RECEIVED,
-        "received_at": now,
-        "protocol": PROTOCOL,
-        "mail_from": "",
-        "size": len(body),
-        "trace": trace,
-        "body": body,
-        "body_sha256": sha256(body).hexdigest(),
-        "next_attempt_at": now,
-        "updated_at": now,
-    }
-    key = conn.execute(insert(messages).values(row)).inserted_primary_key
-    assert key is not None
-    message_id = int(key[0])
-    conn.execute(insert(recipients).values(message_id=message_id, position=0, address=recipient))
+    __slots__ = ("about", "body", "detail", "event", "queue_id", "recipient", "trace")
+
+    def __init__(
+        self,
+        queue_id: str,
+        recipient: str,
+        trace: str,
+        body: bytes,
+        about: str,
+        event: str,
+        detail: str,
+    ) -> None:
+        self.queue_id = queue_id
+        self.recipient = recipient
+        self.trace = trace
+        self.body = body
+        self.about = about
+        self.event = event
+        self.detail = detail
+
+
+# Built once with bind parameters, so SQLAlchemy reuses their compiled form; a group
+# commit of many failures queues its notices in three executemany statements.
+_STMTS: dict[str, Any] = {}
+
+_MESSAGE_COLUMNS = ("queue_id", "size", "trace", "body", "body_sha256")
+
+
+def _statements() -> tuple[Any, Any]:
+    if not _STMTS:
+        now: Any = bindparam("n_now")
+        _STMTS["message"] = insert(messages).values(
+            state=states.RECEIVED,
+            received_at=now,
+            protocol=PROTOCOL,
+            mail_from="",
+            next_attempt_at=now,
+            updated_at=now,
+            **{c: bindparam(f"n_{c}") for c in _MESSAGE_COLUMNS},
+        )
+        message_id = (
+            select(messages.c.id)
+            .where(messages.c.queue_id == bindparam("n_queue_id"))
+            .scalar_subquery()
+        )
+        _STMTS["recipient"] = insert(recipients).values(
+            message_id=message_id, position=0, address=bindparam("n_address")
+        )
+    return _STMTS["message"], _STMTS["recipient"]
+
+
+def queue_notices(conn: Connection, now: float, notices: Sequence[Notice]) -> None:
+    """Queue ``notices``: each a ``received`` message from the null sender, due now,
+    with its one recipient, and the events on both messages."""
+    if not notices:
+        return
+    message, recipient = _statements()
     conn.execute(
-        insert(events),
+        message,
         [
-            {"at": now, "kind": event, "queue_id": about, "address": recipient, "detail": detail},
             {
-                "at": now,
-                "kind": DSN,
-                "queue_id": queue_id,
-                "address": recipient,
-                "detail": f"{'failure' if event == BOUNCED else 'delay'} notice for {about}",
-            },
+                "n_now": now,
+                "n_queue_id": n.queue_id,
+                "n_size": len(n.body),
+                "n_trace": n.trace,
+                "n_body": n.body,
+                "n_body_sha256": sha256(n.body).hexdigest(),
+            }
+            for n in notices
         ],
     )
-    return message_id
+    rcpts = [{"n_queue_id": n.queue_id, "n_address": n.recipient} for n in notices]
+    conn.execute(recipient, rcpts)
+    logged = []
+    for n in notices:
+        what = "failure" if n.event == BOUNCED else "delay"
+        logged += [
+            {"at": now, "kind": n.event, "queue_id": n.about, "address": n.recipient,
+             "detail": n.detail},
+            {"at": now, "kind": DSN, "queue_id": n.queue_id, "address": n.recipient,
+             "detail": f"{what} notice for {n.about}"},
+        ]  # fmt: skip
+    conn.execute(insert(events), logged)

@@ -140,6 +140,24 @@ def test_permanent_failure_bounces_the_failed_recipients_to_the_sender(
     assert line.split(":", 1)[1].split() == ["1", "failure", "notice,", "0", "delay", "warnings"]
 
 
+def test_failures_committed_together_each_bounce_to_their_own_sender(
+    tmp_path: Path, standin: StandIn
+) -> None:
+    q = make_queue(tmp_path, str(standin.path), BOUNCE)
+    sent = {q.add([f"exit67@{n}.example"], sender=f"s{n}@example.org"): n for n in range(5)}
+    q.deliver()
+    assert len(notices(q)) == 5
+    q.deliver()
+    told = {}
+    for call in standin.calls()[5:]:
+        per_message, [failed] = report_fields(parse(call))
+        qid = per_message["X-Smapq-Queue-ID"]
+        told[qid] = (call.recipients, failed["Final-Recipient"])
+    assert told == {
+        qid: ([f"s{n}@example.org"], f"rfc822; exit67@{n}.example") for qid, n in sent.items()
+    }
+
+
 def test_maxqueuetime_bounces_with_delivery_time_expired(tmp_path: Path, standin: StandIn) -> None:
     q = make_queue(tmp_path, str(standin.path), BOUNCE)
     qid = q.add(["exit75@x.example"], body=BODY, received_at=time.time() - 6 * 86400)
