@@ -90,7 +90,7 @@ class Notices:
             lines.append(f"{p.job.queue_id}: no notice to the sender: {exc}")
             return False
         if sender == command.NULL_SENDER:
-            if p.kind == policy.BAD:
+            if p.kind == policy.BAD and p.job.rcpts:  # (a damaged row has neither)
                 lines.append(f"{p.job.queue_id}: from=<>: not bounced (null sender)")
             return False
         return True
