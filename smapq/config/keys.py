@@ -269,7 +269,13 @@ KEYS: tuple[Key, ...] = (
         "smapq.db",
         "queue DB file inside the jail, or a SQLAlchemy URL",
     ),
-    Key("hostname", (SMAP,), "host", None, "name in the banner and Received:; default: uname"),
+    Key(
+        "hostname",
+        BOTH,
+        "host",
+        None,
+        "name in the banner, Received: and smapd's DSNs; default: smap's, else uname",
+    ),
     Key(
         "logfile",
         (SMAP,),
@@ -329,6 +335,22 @@ KEYS: tuple[Key, ...] = (
     ),
     Key(
         "outputmax", (SMAPD,), "bytes", 4096, "sendmail output kept per attempt", lo=0, hi=1024**2
+    ),
+    Key(
+        "bounce",
+        (SMAPD,),
+        "bool",
+        False,
+        "send the sender an RFC 3464 DSN when mail goes bad (FWTK: never)",
+    ),
+    Key(
+        "delaywarning",
+        (SMAPD,),
+        "seconds",
+        0,
+        "with bounce on: warn the sender once after this delay (0: never, as Postfix)",
+        lo=0,
+        hi=60 * 86400,
     ),
     Key(
         "keepbodies",

@@ -130,6 +130,14 @@ class SmapdSettings(Settings):
     outputmax: int
     keepbodies: int
     keepevents: int
+    hostname: str | None
+    bounce: bool
+    delaywarning: int
+
+    @property
+    def host(self) -> str:
+        """The name smapd's delivery status notifications give (Reporting-MTA, From:)."""
+        return self.hostname or os.uname().nodename
 
 
 class Config:
@@ -155,6 +163,14 @@ class Config:
             out.append(boundary)
         if not self.smap.jail:
             out.append("smap: jail off -- the receiver will not chroot")
+        d = self.smapd
+        if d.delaywarning and not d.bounce:
+            out.append("smapd: delaywarning is set but bounce is off: no warning is sent")
+        elif d.bounce and d.delaywarning >= d.maxqueuetime:
+            out.append(
+                "smapd: delaywarning is not below maxqueuetime: mail goes bad before any "
+                "warning is due"
+            )
         return out
 
     def boundary(self) -> str:
@@ -214,6 +230,11 @@ def from_rules(path: str, rules: list[Rule]) -> Config:
     check_keywords(rules)
     smap = SmapSettings(_settings_rules(rules, K.SMAP))
     smapd = SmapdSettings(_settings_rules(rules, K.SMAPD))
+    if smapd.hostname is None and smap.hostname is not None:
+        # One name for the host: a table written before smapd read hostname (or that
+        # names it once, for smap) gives smapd's notices the banner's name.
+        smapd.hostname = smap.hostname
+        smapd.origin["hostname"] = f"{smap.origin['hostname']} (smap's)"
     return Config(path, smap, smapd)
 
 

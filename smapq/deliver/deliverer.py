@@ -145,6 +145,7 @@ class Deliverer:
         self.stops_seen = 0
         self.noted_damage = False
         self.checkpoint_owed = True  # at start, and after the disk was found full
+        self.noticed = False  # a sender notice was queued: look for due mail at once
         self._conn: Connection | None = None
 
     @property
@@ -240,6 +241,11 @@ class Deliverer:
         stopping = bool(self.signals.stops)
         if self.recorder.due(len(self.inflight), stopping, self.once, self.settings.maxchildren):
             self.recorder.flush(self.conn)
+            # A notice just queued is due now. SQLite's waker sees this commit too (its
+            # data_version moves on our own commits); one that hears only the
+            # receivers (PollWaker, a LISTEN) would leave it to the next wakeup scan.
+            st.kicked |= self.noticed
+            self.noticed = False
         if self.signals.hup:
             self.signals.hup = False
             if self.reload is not None:
@@ -338,6 +344,7 @@ class Deliverer:
 
     def _finished(self, p: Plan) -> None:
         self.inflight.pop(p.job.key, None)
+        self.noticed |= p.notice is not None
         directory = p.job.settings.baddir
         if p.kind == policy.BAD and directory:
             baddir.export_bad(self.conn, directory, p.job.id, p.job.queue_id, p.detail, self.log)

@@ -13,6 +13,10 @@ database reports damage, the group is committed one outcome at a time and an
 outcome whose row cannot be written is given up (logged: that message may be
 delivered again once the database is recovered) instead of blocking every other.
 
+Notices: the sender notices an outcome calls for (a bounce, a delay warning) are
+queued in the same transaction as the outcome (notices.py), so a message never turns
+bad without its bounce, nor is bounced without turning bad.
+
 Standards: maxqueuetime and the backoff come from policy.py (RFC 5321 4.5.4.1).
 """
 
@@ -28,6 +32,7 @@ from sqlalchemy.exc import DBAPIError
 
 from smapq.deliver import policy
 from smapq.deliver.jobs import CRASHED, RELEASE, SENT, Job, Tally, Verdict
+from smapq.deliver.notices import Notices, late
 from smapq.store import faults, queries, states
 
 FLUSH_DELAY = 0.02  # outcomes wait at most this long for a shared commit
@@ -37,7 +42,19 @@ FLUSH_MAX = 64  # ... or until this many are waiting
 class Plan:
     """One verdict turned into the row changes of its outcome."""
 
-    __slots__ = ("code", "detail", "event", "job", "kind", "notes", "sent", "values")
+    __slots__ = (
+        "code",
+        "detail",
+        "event",
+        "expired",
+        "held",
+        "job",
+        "kind",
+        "notes",
+        "notice",
+        "sent",
+        "values",
+    )
 
     def __init__(self, job: Job, kind: str, event: str, detail: str, code: int | None) -> None:
         self.job = job
@@ -48,6 +65,9 @@ class Plan:
         self.values: dict[str, Any] = {}
         self.sent: list[tuple[int, str]] = []
         self.notes: list[tuple[int, str]] = []
+        self.expired = False  # bad because maxqueuetime ran out
+        self.held = 0.0  # a deferral's seconds on hold, where they matter (_hold_matters)
+        self.notice: str | None = None  # queue id of the sender notice it queued
 
     def row(self) -> dict[str, Any]:
         job = self.job
@@ -76,6 +96,7 @@ class Recorder:
         self.tally = tally
         self.finished = finished  # after commit, for each outcome that was written
         self.given_up = given_up  # an outcome the damaged database would not take
+        self.notices = Notices(log)
         self.pending: list[tuple[Job, Verdict]] = []
         self.since = 0.0
 
@@ -142,7 +163,7 @@ class Recorder:
     def _commit(self, conn: Connection, batch: list[tuple[Job, Verdict]]) -> None:
         now = time.time()
         with conn.begin():
-            held_for = queries.held_seconds(conn, _near_deadline(batch, now))
+            held_for = queries.held_seconds(conn, _hold_matters(batch, now))
             plans = [
                 plan(job, verdict, now, held_for.get(job.queue_id, 0.0)) for job, verdict in batch
             ]
@@ -153,6 +174,9 @@ class Recorder:
                 [(*p.job.key, rid, text) for p in plans for rid, text in p.sent],
                 [(*p.job.key, rid, text) for p in plans for rid, text in p.notes],
             )
+            told = self.notices.queue(conn, now, [p for p in plans if p.job.key in held])
+        for line in told:
+            self.log.info("%s", line)
         for p in plans:
             if p.job.key not in held:
                 self.log.warning(
@@ -186,13 +210,17 @@ class Recorder:
         )
 
 
-def _near_deadline(batch: list[tuple[Job, Verdict]], now: float) -> list[str]:
-    """Queue ids of deferrals whose give-up deadline matters now (see policy)."""
+def _hold_matters(batch: list[tuple[Job, Verdict]], now: float) -> list[str]:
+    """Queue ids of deferrals whose give-up deadline matters now (see policy): near
+    it, or about to be named in a delay warning (Will-Retry-Until)."""
     out = []
     for job, verdict in batch:
         s = job.settings
-        if verdict.kind == policy.RETRY and policy.near_deadline(
-            now, job.received_at, job.attempts + 1, s.minbackoff, s.maxbackoff, s.maxqueuetime
+        if verdict.kind == policy.RETRY and (
+            policy.near_deadline(
+                now, job.received_at, job.attempts + 1, s.minbackoff, s.maxbackoff, s.maxqueuetime
+            )
+            or late(job, now)
         ):
             out.append(job.queue_id)
     return out
@@ -224,11 +252,13 @@ def plan(job: Job, verdict: Verdict, now: float, held: float = 0.0) -> Plan:
             detail = f"{text}; next try in {int(when - now)}s"
             p = Plan(job, kind, "deferred", detail, code)
             p.values = job.values(states.RECEIVED, attempts, next_attempt_at=when)
+            p.held = held
             p.notes = [(rid, text) for rid in verdict.rcpt_ids]
             return p
         age = f"{int(now - job.received_at)}s" + (f" ({int(held)}s of it held)" if held else "")
         text = f"gave up after {attempts} attempts in {age}: {text}"
     p = Plan(job, policy.BAD, "bad", text, code)
+    p.expired = kind == policy.RETRY
     p.values = job.values(states.BAD, attempts)
     p.notes = [(rid, text) for rid in verdict.rcpt_ids]
     return p

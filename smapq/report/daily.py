@@ -41,6 +41,7 @@ TRAFFIC = (
     ("reject", "refused"),
 )
 PROBES = ("vrfy", "expn", "timeout")
+NOTICES = ("bounced", "warned")  # sender notices smapd queued (smapd: bounce)
 
 
 class Daily:
@@ -150,7 +151,7 @@ def collect(
     """Gather the daily report for the window [since, until)."""
     d = Daily(since, until, now, host, top)
     w = reports.Window(since, until, now, top)
-    kinds = [k for k, _ in TRAFFIC] + list(PROBES)
+    kinds = [k for k, _ in TRAFFIC] + list(PROBES) + list(NOTICES)
     d.totals = queries.report_event_totals_between(conn, kinds, since, until)
     for _state, _n, size in queries.report_state_totals(conn, since, until):
         d.received_bytes += int(size)
@@ -207,6 +208,7 @@ def totals_lines(d: Daily) -> list[tuple[str, str]]:
         ("delivered", _n(t["delivered"], "message")),
         ("deferred", _n(t["deferred"], "attempt")),
         ("bad", _n(t["bad"], "message")),
+        ("bounced", f"{_n(t['bounced'], 'failure notice')}, {_n(t['warned'], 'delay warning')}"),
         ("refused", _n(t["reject"], "command")),
         ("probes", probes),
         (

@@ -29,6 +29,8 @@ COUNTERS = (
     ("deferrals_total", "deferred", "Delivery attempts that failed temporarily."),
     ("failures_total", "bad", "Messages that failed permanently (state bad)."),
     ("recoveries_total", "recovered", "Claims taken back after an expired lease."),
+    ("bounces_total", "bounced", "Failure notices (DSNs) queued to senders."),
+    ("delay_warnings_total", "warned", "Delay warnings (DSNs) queued to senders."),
 )
 
 

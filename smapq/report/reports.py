@@ -76,6 +76,8 @@ SUMMARY_MEANING = {
     "oldest_waiting_age": "now: oldest not delivered or bad",
     "delivered_in_window": "deliveries in the window",
     "bad_in_window": "went bad in the window, even if requeued",
+    "bounces_in_window": "failure notices (DSNs) queued to senders",
+    "warnings_in_window": "delay warnings (DSNs) queued to senders",
 }
 
 
@@ -106,12 +108,17 @@ def summary(conn: Connection, w: Window) -> Report:
         ),
         ("bad_in_window", queries.report_event_count(conn, "bad", w.since, w.until), "messages"),
     ]
+    went_bad, now_bad = metrics[-1][1], by_state[states.BAD][0]
+    notices = (("bounces_in_window", "bounced"), ("warnings_in_window", "warned"))
+    metrics += [
+        (name, queries.report_event_count(conn, kind, w.since, w.until), "messages")
+        for name, kind in notices
+    ]
     report.rows = [(m, v, cell(_UNIT_SHOWN[u], v), u, SUMMARY_MEANING[m]) for m, v, u in metrics]
     if w.since is not None or w.until is not None:
         report.notes.append(
             "state counts cover mail received in the window; deferred and oldest are now"
         )
-    went_bad, now_bad = metrics[-1][1], by_state[states.BAD][0]
     if went_bad != now_bad:
         windowed = w.since is not None or w.until is not None
         report.notes.append(

@@ -14,6 +14,10 @@ transaction the deliverer shares between outcomes that finish together (group co
     delivering --lease expired (checked on every claim poll)--> received
     received <--hold/release--> held        (held rows are never claimed, never expire)
 
+A sender notice (``smapd: bounce on``: a bounce, a delay warning) is a new ``received``
+row from the null sender, inserted in the transaction of the outcome it reports: the
+message turns bad with its bounce queued, or neither happens.
+
 A claim sets ``lease_owner``, ``lease_expires_at`` and a new ``lease_token`` (a fencing
 token). Renewals and outcomes only apply ``WHERE lease_token = :token``, so a deliverer
 whose lease expired and whose row was claimed again cannot overwrite the newer claim.

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import pwd
 
 import pytest
@@ -157,3 +158,30 @@ def test_int_keys_inside_bounds_parse_outside_refuse(n: int) -> None:
         assert not ok
     else:
         assert ok and c.smapd.maxchildren == n
+
+
+# --- sender notices (smapd: bounce, delaywarning) -----------------------------------
+
+
+def test_bounce_is_off_and_delaywarning_zero_by_default() -> None:
+    c = loads("")
+    assert c.smapd.bounce is False and c.smapd.delaywarning == 0
+    assert not [w for w in c.warnings() if "delaywarning" in w]
+
+
+def test_smapd_names_the_host_like_smap_unless_told_otherwise() -> None:
+    c = loads("smap: hostname mx.example.org\n", "/t")
+    assert c.smapd.host == "mx.example.org"
+    assert c.smapd.origin["hostname"] == "/t:1 (smap's)"
+    c = loads("smap: hostname mx.example.org\nsmapd: hostname out.example.org\n")
+    assert (c.smap.hostname, c.smapd.host) == ("mx.example.org", "out.example.org")
+    assert loads("").smapd.host == os.uname().nodename
+
+
+def test_delaywarning_that_can_never_fire_is_warned_about() -> None:
+    off = loads("smapd: delaywarning 4h\n").warnings()
+    assert "smapd: delaywarning is set but bounce is off: no warning is sent" in off
+    late = loads("smapd: bounce on\nsmapd: delaywarning 5d\n").warnings()
+    assert any("not below maxqueuetime" in w for w in late)
+    fine = loads("smapd: bounce on\nsmapd: delaywarning 4h\n").warnings()
+    assert not [w for w in fine if "delaywarning" in w]

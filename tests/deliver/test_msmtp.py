@@ -3,6 +3,8 @@ hands it to an SMTP sink on loopback (CI installs msmtp)."""
 
 from __future__ import annotations
 
+import email
+import email.policy
 import os
 import shutil
 import socket
@@ -23,9 +25,11 @@ pytestmark = [
 
 
 class Sink:
-    """A minimal SMTP server: records each transaction's envelope and data."""
+    """A minimal SMTP server: records each transaction's envelope and data; refuses
+    RCPT for the addresses in ``unknown`` as a real MTA does for a user it lacks."""
 
-    def __init__(self) -> None:
+    def __init__(self, unknown: tuple[bytes, ...] = ()) -> None:
+        self.unknown = unknown
         self.sock = socket.socket()
         self.sock.bind(("127.0.0.1", 0))
         self.sock.listen()
@@ -60,7 +64,11 @@ class Sink:
                 sender, rcpts = line[10:].strip(), []
                 reply(b"250 ok")
             elif verb == b"RCPT":
-                rcpts.append(line[8:].strip())
+                rcpt = line[8:].strip()
+                if rcpt.strip(b"<>") in self.unknown:
+                    reply(b"550 5.1.1 " + rcpt + b": Recipient address rejected: User unknown")
+                    continue
+                rcpts.append(rcpt)
                 reply(b"250 ok")
             elif verb == b"DATA":
                 reply(b"354 go ahead")
@@ -139,3 +147,37 @@ def test_msmtp_refusal_is_recorded(tmp_path: Path) -> None:
     assert row.last_exit in (69, 75), row.last_result
     assert "msmtp" in row.last_result
     assert proc.returncode in (1, 75)
+
+
+def test_a_recipient_the_next_hop_refuses_is_bounced_with_its_reply(tmp_path: Path) -> None:
+    sink = Sink(unknown=(b"nosuch@x.example",))
+    try:
+        home = tmp_path / "home"
+        home.mkdir()
+        rc = home / ".msmtprc"
+        rc.write_text(
+            f"account default\nhost 127.0.0.1\nport {sink.port}\nauth off\ntls off\n"
+            "set_from_header off\nset_date_header off\nset_msgid_header off\n"
+        )
+        rc.chmod(0o600)
+        q = make_queue(tmp_path, MSMTP, "smapd: bounce on\nsmapd: hostname mx.example\n")
+        qid = q.add(["nosuch@x.example"], body=b"Subject: hi\n\nbody\n", sender="s@example.org")
+        env = {**os.environ, "HOME": str(home)}
+        q.spool.smapq("deliver", "--once", check=False, env=env)
+        assert q.row(qid).state == "bad", q.row(qid).last_result
+        proc = q.spool.smapq("deliver", "--once", check=False, env=env)
+        assert proc.returncode == 0, proc.stderr
+    finally:
+        sink.close()
+    [(sender, rcpts, data)] = sink.mails
+    assert (sender, rcpts) == (b"<>", [b"<s@example.org>"])
+    msg = email.message_from_bytes(data, policy=email.policy.default)
+    assert msg.get_content_type() == "multipart/report"
+    status = list(msg.iter_parts())[1].get_payload()
+    assert isinstance(status, list)
+    [_, failed] = status
+    assert failed["Final-Recipient"] == "rfc822; nosuch@x.example"
+    assert failed["Status"] == "5.1.1"
+    assert failed["Diagnostic-Code"] == (
+        "smtp; 550 5.1.1 <nosuch@x.example>: Recipient address rejected: User unknown"
+    )
