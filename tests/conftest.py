@@ -92,3 +92,12 @@ def open_dir() -> Iterator[Path]:
 
 
 root_only = pytest.mark.skipif(os.geteuid() != 0, reason="needs root (CI runs as root)")
+
+
+@pytest.fixture
+def pg_url() -> Iterator[str]:
+    """A fresh, empty database on the real PostgreSQL server (SQLAlchemy URL)."""
+    from tests.pgdb import fresh_database
+
+    with fresh_database() as url:
+        yield url
