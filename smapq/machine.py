@@ -13,7 +13,11 @@ and write access for smap's and smapd's uid and group, and for smapd (and for sm
 when it does not chroot) every directory on the way; baddir (smapd writes it);
 sendmail (smapd executes it); the schema revision; free space against
 ``SmapSettings.reserve``; a note that the database was found damaged; whether smap can
-confine itself here (smapq.sandbox) and has a userid to drop to.
+confine itself here (smapq.sandbox) and has a userid to drop to; the STARTTLS
+certificate and key (``smap: tlscert``/``tlskey``): readable by root, the key
+readable by no group, nobody else and not by smap's uid (smap reads it as root before
+the jail and must never be able to read it from inside), and the pair loads and
+matches.
 
 Security: read-only; runs as root or as the spool's owner. Access is computed from
 owner, group and mode bits for the uid and the one group each program keeps after
@@ -29,7 +33,8 @@ from collections.abc import Callable
 
 from smapq import sandbox, spool
 from smapq.config.settings import Config
-from smapq.errors import SmapqError
+from smapq.config.tls import server_context
+from smapq.errors import ConfigError, SmapqError
 from smapq.store import damage
 
 R, W, X = 4, 2, 1
@@ -205,6 +210,35 @@ class Inspector:
                 "(smap: minfree, at least 1.5 x maxbytes): intake answers 452 4.3.1"
             )
 
+    def tls(self) -> None:
+        smap = self.config.smap
+        if not smap.tlscert or not smap.tlskey:
+            return
+        where = {k: f"{smap.origin[k]}: {k}" for k in ("tlscert", "tlskey")}
+        for keyword, path in (("tlscert", smap.tlscert), ("tlskey", smap.tlskey)):
+            try:
+                st = os.stat(path)
+                with open(path, "rb"):
+                    pass
+            except OSError as exc:
+                self.say(f"{where[keyword]}: cannot read {path}: {exc.strerror}")
+                return
+            if keyword == "tlskey":
+                if stat.S_IMODE(st.st_mode) & 0o077:
+                    self.say(
+                        f"{where[keyword]}: {path}: mode {stat.S_IMODE(st.st_mode):04o}, the "
+                        "key must be readable by its owner only (0600 or 0400)"
+                    )
+                elif self.smap.uid is not None and self.smap.may(st, R):
+                    self.say(
+                        f"{where[keyword]}: {path}: {self.smap} can read the key; it "
+                        "must be readable by root only (smap loads it before the jail)"
+                    )
+        try:
+            server_context(smap)
+        except ConfigError as exc:
+            self.say(str(exc))
+
     def receiver(self) -> None:
         smap = self.config.smap
         if os.geteuid() == 0 and smap.userid is None:
@@ -247,6 +281,7 @@ def problems(config: Config, schema: Callable[[], str | None] | None = None) -> 
     look.sendmail()
     look.space()
     look.receiver()
+    look.tls()
     if schema is not None and (config.smap.database_is_url or os.path.exists(
         config.smap.database_path
     )):  # fmt: skip

@@ -283,6 +283,20 @@ KEYS: tuple[Key, ...] = (
         None,
         "also write log lines to this file (hosts without syslog)",
     ),
+    Key(
+        "tlscert",
+        (SMAP,),
+        "path",
+        None,
+        "PEM certificate (chain) for STARTTLS, read as root before the jail; needs tlskey",
+    ),
+    Key(
+        "tlskey",
+        (SMAP,),
+        "path",
+        None,
+        "PEM private key for STARTTLS, read as root before the jail; mode 0600 or 0400",
+    ),
     Key("jail", (SMAP,), "bool", True, "chroot into directory; 'off' only where root is absent"),
     Key("maxerrors", (SMAP,), "int", 10, "bad commands before 421 and close", lo=1, hi=1000),
     Key(

@@ -75,6 +75,8 @@ class SmapSettings(Settings):
     maxrecip: int
     hostname: str | None
     logfile: str | None
+    tlscert: str | None
+    tlskey: str | None
     jail: bool
     maxerrors: int
     minfree: int
@@ -92,6 +94,10 @@ class SmapSettings(Settings):
                 raise ConfigError(
                     "smap must not run as root (uid/gid 0)", self.origin[name], 0, name
                 )
+        if bool(self.tlscert) != bool(self.tlskey):
+            have, need = ("tlscert", "tlskey") if self.tlscert else ("tlskey", "tlscert")
+            path, _, line = self.origin[have].rpartition(":")
+            raise ConfigError(f"STARTTLS needs {need} too", path, int(line), have)
 
     @property
     def reserve(self) -> int:

@@ -112,6 +112,8 @@ class Audit:
                 LOG_NOTICE,
                 f"{alert}reject host={self.who} code={code} reason={detail} address={addr}",
             )
+        elif kind == "tls":
+            self.say(LOG_INFO if code else LOG_NOTICE, f"TLS host={self.who} {detail}")
         elif kind in ("vrfy", "expn"):
             self.say(LOG_NOTICE, f"{kind.upper()} {detail} ({self.who})")
         elif kind == "timeout":

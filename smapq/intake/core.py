@@ -28,9 +28,15 @@ commit is outstanding the core defers the end of the session (the client's EOF,
 timeouts): the commit's outcome is always recorded, so an accepted message is never
 forgotten by the audit trail and a refused one never half-stored.
 
+STARTTLS: the session decides (smapq.smtp.session); when ``tls_wait`` is true the
+transport runs the handshake over its own I/O and reports ``tls_started(version,
+cipher)`` or ``tls_failed(detail)``.  A ``tls`` event records the outcome, the accept
+row and the Received: trace of each message name the version and cipher.
+
 Standards: RFC 5321 4.4 (the Received: trace, TCP-info as an address literal),
-RFC 3848 / RFC 6531 3.7.3 ("with" types), RFC 5321 4.2 (reply codes), Postfix's
-queue_minfree rule (452 4.3.1 at MAIL when the spool is short of space).
+RFC 3848 / RFC 6531 3.7.3 ("with" types, ESMTPS/UTF8SMTPS), RFC 3207 (STARTTLS),
+RFC 5321 4.2 (reply codes), Postfix's queue_minfree rule (452 4.3.1 at MAIL when the
+spool is short of space).
 
 Lean: stdlib only (HACKING.md); the inetd receiver imports it on every connection.
 """
@@ -72,6 +78,7 @@ class Site:
         "maxrecip",
         "reserve",
         "strict_sync",
+        "tls",
     )
 
     def __init__(
@@ -84,6 +91,7 @@ class Site:
         log: LogSink | None = None,
         free_space: Callable[[], int | None] | None = None,
         strict_sync: bool = True,
+        tls: bool = False,
     ) -> None:
         self.hostname = hostname
         self.maxbytes = maxbytes
@@ -93,15 +101,25 @@ class Site:
         self.log = log
         self.free_space = free_space
         self.strict_sync = strict_sync
+        self.tls = tls  # a certificate is loaded: EHLO offers STARTTLS
 
 
-def received_header(env: Envelope, addr: str, hostname: str, queue_id: str, now: float) -> str:
-    """The smap-style Received: header (stored in messages.trace, not in the body)."""
+def received_header(
+    env: Envelope, addr: str, hostname: str, queue_id: str, now: float, tls: str = ""
+) -> str:
+    """The smap-style Received: header (stored in messages.trace, not in the body).
+
+    ``tls`` is "VERSION CIPHER" of a STARTTLS session: shown as Postfix shows it.
+    """
     date = time.strftime("%a, %d %b %Y %H:%M:%S +0000", time.gmtime(now))
     # RFC 5321 4.4: TCP-info is an address literal, "[IPv6:...]" for IPv6.
     literal = ("IPv6:" if ":" in addr else "") + (addr or "unknown")
+    using = ""
+    if tls:
+        version, _, cipher = tls.partition(" ")
+        using = f"\t(using {version} with cipher {cipher})\r\n"
     return (
-        f"Received: from {env.helo or 'unknown'} (unknown [{literal}])\r\n"
+        f"Received: from {env.helo or 'unknown'} (unknown [{literal}])\r\n{using}"
         f"\tby {hostname} via smap (smapq {__version__}) with {env.protocol}\r\n"
         f"\tid {queue_id}; {date}\r\n"
     )
@@ -122,6 +140,7 @@ class Intake:
         )
         if site.free_space is not None:
             self.session.mail_check = self._space_check
+        self.session.tls_offered = site.tls
         self.pending: Submission | None = None
         self._deferred_end: tuple[str, bytes] | None = None
 
@@ -137,6 +156,11 @@ class Intake:
     @property
     def in_data(self) -> bool:
         return self.session.in_data
+
+    @property
+    def tls_wait(self) -> bool:
+        """True after 220 to STARTTLS: the transport runs the TLS handshake now."""
+        return self.session.tls_wait and self.pending is None
 
     # --- the dialogue ---
     def greeting(self) -> bytes:
@@ -186,6 +210,18 @@ class Intake:
             self._deferred_end = None
             out += self._end(kind, reply)
         return out
+
+    # --- STARTTLS: the transport's handshake outcome ---
+    def tls_started(self, version: str, cipher: str) -> bytes:
+        """The handshake is done; the session starts again (RFC 3207 4.2)."""
+        out = self.session.tls_started(version, cipher)
+        self._drain()
+        return out
+
+    def tls_failed(self, detail: str) -> None:
+        """The handshake failed, or the client left in it: the session is over."""
+        self.session.tls_failed(detail)
+        self._drain()
 
     # --- ends imposed by the transport ---
     def timeout(self) -> bytes:
@@ -247,7 +283,9 @@ class Intake:
     def _submission(self, env: Envelope) -> Submission:
         now = time.time()
         audit = self.audit
-        accept = audit.row(now, "accept", "", env.sender, 250)
+        tls = self.session.tls
+        # The accept row names the TLS version and cipher the message came over.
+        accept = audit.row(now, "accept", tls, env.sender, 250)
         message: dict[str, object] = {
             "session_id": audit.session_id,
             "client_addr": self.addr or None,
@@ -267,7 +305,7 @@ class Intake:
         hostname = self.site.hostname
 
         def trace(queue_id: str) -> str:
-            return received_header(env, self.addr, hostname, queue_id, now)
+            return received_header(env, self.addr, hostname, queue_id, now, tls)
 
         sub = Submission(
             message, env.recipients, [*audit.rows, accept], [*audit.txn, accept], trace

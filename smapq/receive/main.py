@@ -51,17 +51,21 @@ import time
 from smapq import sandbox
 from smapq.config.netperm import table_path
 from smapq.config.settings import load
+from smapq.config.tls import server_context
 from smapq.errors import EX_CONFIG, EX_SOFTWARE, EX_TEMPFAIL, EX_USAGE, ConfigError
 from smapq.intake.audit import LOG_CRIT, LOG_ERR, LOG_WARNING
 from smapq.intake.core import Intake, Site
 from smapq.intake.port import StoreError
 from smapq.receive import jail
 from smapq.receive.logsink import LogSink, crash_report, sink_or_none
+from smapq.receive.tls import MemoryTls, TlsError
 from smapq.smtp import replies as R
 from smapq.store.intake_sqlite import SqliteIntake
 
 TYPE_CHECKING = False
 if TYPE_CHECKING:
+    from ssl import SSLContext
+
     from smapq.intake.port import Submission
 
 USAGE = "usage: smap [-t netperm-table] | smap -daemon [smapq serve options]\n"
@@ -130,6 +134,8 @@ class InetdReceiver:
         "log",
         "stalled",
         "store",
+        "tls",
+        "tls_ctx",
         "wait",
     )
 
@@ -142,6 +148,8 @@ class InetdReceiver:
         self.stalled = False
         self.closed_fds = False
         self.deadline = 0.0  # end of the session (smap: sessiontime), monotonic
+        self.tls_ctx: SSLContext | None = None  # smap: tlscert/tlskey, loaded as root
+        self.tls: MemoryTls | None = None  # on after a STARTTLS handshake
 
     # --- start-up ---
     def start(self, table: str | None) -> None:
@@ -158,6 +166,10 @@ class InetdReceiver:
             except OSError as exc:
                 raise ConfigError(f"cannot open {smap.logfile}: {exc.strerror}") from None
         addr, port = jail.peer_address()
+        if smap.tlscert:
+            # As root, before the jail: the key need not be readable inside it.  No
+            # tickets: this process's ticket key dies with this one connection.
+            self.tls_ctx = server_context(smap, tickets=False)
         # Before the jail: this process and all it starts can no longer reach any other
         # process of its uid (smapd and its sendmails share it in the seed's table).
         sandbox.confine(hide=not smap.jail)
@@ -178,6 +190,7 @@ class InetdReceiver:
             sink_or_none(self.log),
             store.free_space,
             smap.strictpipelining,
+            self.tls_ctx is not None,
         )
         self.intake = Intake(site, addr, port)
         self.wait = float(smap.timeout) if smap.timeout > 0 else None
@@ -196,8 +209,13 @@ class InetdReceiver:
         return code
 
     # --- the session ---
-    def write(self, data: bytes) -> bool:
-        """Send ``data``; False when the client is gone or stopped reading for ``wait``."""
+    def write(self, data: bytes, raw: bool = False) -> bool:
+        """Send ``data``; False when the client is gone or stopped reading for ``wait``.
+
+        After STARTTLS ``data`` is SMTP text and goes out in TLS records, unless
+        ``raw`` (records OpenSSL made itself)."""
+        if self.tls is not None and not raw:
+            data = self.tls.encrypt(data)
         view = memoryview(data)
         while view:
             try:
@@ -219,22 +237,14 @@ class InetdReceiver:
         if wait is not None:
             os.set_blocking(1, False)  # so write() can time out (see there)
         ok = self.write(intake.greeting())
+        carry = b""  # SMTP text that came in the same read as the handshake's end
         while ok and not intake.closed:
-            left = self.deadline - time.monotonic()
-            if left <= 0:
-                self.write(intake.expire())
-                break
-            if not select.select([0], [], [], left if wait is None else min(wait, left))[0]:
-                if wait is not None and wait <= left:
-                    self.write(intake.timeout())
+            data: bytes | None = carry
+            carry = b""
+            if not data:
+                data = self.receive()
+                if data is None:
                     break
-                continue  # the session's time is up: said at the top of the loop
-            try:
-                data = os.read(0, READ_SIZE)
-            except BlockingIOError:
-                continue  # fd 0 shares fd 1's non-blocking mode; select said ready
-            except OSError:
-                data = b""
             if not data:
                 intake.eof()
                 self.hang_up(linger=False)
@@ -244,6 +254,8 @@ class InetdReceiver:
                 out += intake.committed(self.commit(intake.pending))
             if out:
                 ok = self.write(out)
+            if ok and intake.tls_wait:
+                carry = self.starttls()
             self.flush(intake.loose())
         if not intake.closed:
             intake.eof(
@@ -255,6 +267,90 @@ class InetdReceiver:
         self.flush(intake.loose(everything=True))
         assert self.store is not None
         self.store.close()
+
+    def receive(self) -> bytes | None:
+        """The next input (b"" at EOF), decrypted after STARTTLS; None when the
+        session ended here (timeout, session time, a TLS error)."""
+        intake, wait = self.intake, self.wait
+        assert intake is not None
+        while True:
+            left = self.deadline - time.monotonic()
+            if left <= 0:
+                self.write(intake.expire())
+                return None
+            if not select.select([0], [], [], left if wait is None else min(wait, left))[0]:
+                if wait is not None and wait <= left:
+                    self.write(intake.timeout())
+                    return None
+                continue  # the session's time is up: said at the top of the loop
+            try:
+                data = os.read(0, READ_SIZE)
+            except BlockingIOError:
+                continue  # fd 0 shares fd 1's non-blocking mode; select said ready
+            except OSError:
+                data = b""
+            if data and self.tls is not None:
+                plain = self.decrypt(data)
+                if plain is None or plain or self.tls.eof:
+                    return plain
+                continue  # a partial record, or a TLS message with no SMTP text
+            return data
+
+    def starttls(self) -> bytes:
+        """The session said 220 to STARTTLS: the handshake, blocking, within ``wait``.
+
+        Only bytes read here reach OpenSSL; the session already dropped whatever the
+        client pipelined behind STARTTLS.  A failure ends the session (its event and
+        log line are the core's).  Returns SMTP text the client sent over TLS in the
+        same read as its last handshake message (a TLS 1.3 client may: GnuTLS does).
+        """
+        intake, ctx = self.intake, self.tls_ctx
+        assert intake is not None and ctx is not None
+        pipe = MemoryTls(ctx)
+        data = b""
+        while True:
+            try:
+                done, out = pipe.handshake(data)
+            except TlsError as exc:
+                self.write(exc.args[1])  # OpenSSL's alert, best effort
+                intake.tls_failed(exc.args[0])
+                return b""
+            if out and not self.write(out):
+                intake.tls_failed("client stopped reading")
+                return b""
+            if done:
+                break
+            left = self.deadline - time.monotonic()
+            wait = left if self.wait is None else min(self.wait, left)
+            if wait <= 0 or not select.select([0], [], [], wait)[0]:
+                intake.tls_failed("timeout")
+                return b""
+            try:
+                data = os.read(0, READ_SIZE)
+            except BlockingIOError:
+                data = b""
+                continue
+            except OSError:
+                data = b""
+            if not data:
+                intake.tls_failed("client dropped connection")
+                return b""
+        self.tls = pipe
+        intake.tls_started(pipe.version, pipe.cipher)
+        return self.decrypt(b"") or b""
+
+    def decrypt(self, data: bytes) -> bytes | None:
+        """TLS records -> SMTP text; None when the TLS layer failed (session over)."""
+        tls, intake = self.tls, self.intake
+        assert tls is not None and intake is not None
+        try:
+            plain, reply = tls.decrypt(data)
+        except TlsError as exc:
+            intake.eof("TLS error: " + exc.args[0])
+            return None
+        if reply:  # records OpenSSL owes the client (a key update, an alert)
+            self.write(reply, raw=True)
+        return plain
 
     def commit(self, sub: Submission) -> StoreError | None:
         assert self.store is not None

@@ -19,6 +19,12 @@ is shut down, further input is read and dropped until the client closes or LINGE
 seconds pass, so a client that is still sending does not turn our close into a
 reset that destroys the reply it has not read yet.
 
+STARTTLS: when the core says ``tls_wait`` (it answered 220 to STARTTLS and dropped
+whatever was pipelined behind it), reading stops at once, so no byte of the client's
+handshake is taken as SMTP text, and the loop's ``start_tls`` runs the handshake
+(asyncio/uvloop's SSL protocol); the new transport replaces the plain one and the
+core hears ``tls_started`` or ``tls_failed``.
+
 Security: nothing from the client reaches anything but the session; every reply and
 every event is the core's.
 """
@@ -47,6 +53,18 @@ _BUFFER = bytearray(BUFFER_SIZE)
 _VIEW = memoryview(_BUFFER)
 
 
+def _tls_reason(exc: Exception) -> str:
+    """What went wrong in a handshake, for the tls event."""
+    reason = getattr(exc, "reason", None)
+    if reason:
+        return str(reason)
+    if isinstance(exc, (TimeoutError, asyncio.TimeoutError)):
+        return "timeout"
+    if isinstance(exc, ConnectionError):
+        return "client dropped connection"
+    return (str(exc) or type(exc).__name__)[:200]
+
+
 def _peer(transport: asyncio.BaseTransport) -> tuple[str, int]:
     peer = transport.get_extra_info("peername")
     if not isinstance(peer, tuple):
@@ -68,6 +86,7 @@ class Connection(asyncio.BufferedProtocol):
         "last",
         "peer_eof",
         "started",
+        "tls_task",
         "transport",
         "worker",
         "write_paused",
@@ -83,6 +102,7 @@ class Connection(asyncio.BufferedProtocol):
         self.closing_since = 0.0
         self.peer_eof = False
         self.write_paused = False
+        self.tls_task: asyncio.Task[None] | None = None
 
     # --- asyncio protocol ---
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
@@ -142,7 +162,12 @@ class Connection(asyncio.BufferedProtocol):
     def resume_writing(self) -> None:
         self.write_paused = False
         intake = self.intake
-        if self.transport is not None and intake is not None and intake.pending is None:
+        if (
+            self.transport is not None
+            and intake is not None
+            and intake.pending is None
+            and self.tls_task is None
+        ):
             self.transport.resume_reading()
 
     def connection_lost(self, exc: Exception | None) -> None:
@@ -172,6 +197,9 @@ class Connection(asyncio.BufferedProtocol):
             transport.write(out)
         if intake.closed:
             self.hang_up()
+        elif intake.tls_wait:
+            transport.pause_reading()  # the next bytes are the client's TLS handshake
+            self.tls_task = asyncio.get_running_loop().create_task(self._starttls(transport))
         elif intake.pending is None:
             loose = intake.loose()
             if loose is not None:
@@ -193,8 +221,42 @@ class Connection(asyncio.BufferedProtocol):
         elif self.peer_eof and not self.closing_since:
             intake.eof()
             self._close()
-        elif not intake.closed and not self.write_paused:
+        elif not intake.closed and not self.write_paused and self.tls_task is None:
             self.transport.resume_reading()
+
+    async def _starttls(self, plain: asyncio.Transport) -> None:
+        """The handshake on the loop; the TLS transport replaces ``plain``."""
+        intake, worker = self.intake, self.worker
+        assert intake is not None and worker.tls_ctx is not None
+        loop = asyncio.get_running_loop()
+        try:
+            transport = await loop.start_tls(
+                plain,
+                self,
+                worker.tls_ctx,
+                server_side=True,
+                ssl_handshake_timeout=worker.wait,
+            )
+        except Exception as exc:  # a failed handshake ends this session only
+            intake.tls_failed(_tls_reason(exc))
+            self.tls_task = None
+            plain.abort()
+            self.connection_lost(None)  # the SSL protocol may not tell us
+            return
+        self.tls_task = None
+        if transport is None or self.transport is None:  # gone meanwhile
+            return
+        self.transport = transport
+        obj = transport.get_extra_info("ssl_object")
+        cipher = obj.cipher() if obj is not None else None
+        version = obj.version() if obj is not None else ""
+        try:
+            self._after(intake.tls_started(version or "", cipher[0] if cipher else ""))
+        except Exception as exc:
+            self.crashed(exc)
+            return
+        if not intake.closed and not self.write_paused:
+            transport.resume_reading()
 
     def end(self, out: bytes) -> None:
         """Send the core's last word (timeout, session limit, shutdown) and close."""

@@ -18,6 +18,7 @@ import sys
 
 from smapq.config.netperm import table_path
 from smapq.config.settings import load
+from smapq.config.tls import server_context
 from smapq.errors import EX_USAGE, SmapqError, TempError, UsageError
 from smapq.receive import jail
 from smapq.serve import listeners
@@ -43,6 +44,8 @@ def run(
         raise UsageError(f"--loop must be one of {', '.join(LOOPS)}")
     path = table_path(table)
     smap = load(path).smap
+    if smap.tlscert:
+        server_context(smap)  # a bad certificate or key stops the start, not each worker
     if smap.database_is_url:
         raise UsageError("smapq serve queues only into an SQLite file (smap: database)")
     if not os.path.exists(smap.database_path):

@@ -26,6 +26,7 @@ import time
 from typing import TYPE_CHECKING
 
 from smapq.config.settings import load
+from smapq.config.tls import server_context
 from smapq.errors import ConfigError
 from smapq.intake.audit import LOG_ERR, LOG_INFO, LOG_WARNING
 from smapq.receive.logsink import LogSink
@@ -145,7 +146,9 @@ class Supervisor:
     # --- signals ---
     def reload(self) -> None:
         try:
-            load(self.table)
+            smap = load(self.table).smap
+            if smap.tlscert:
+                server_context(smap)
         except ConfigError as exc:
             self.say(LOG_ERR, f"reload refused, workers keep the old table: fwtkcfgerr: {exc}")
             return

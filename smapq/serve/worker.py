@@ -37,6 +37,7 @@ from typing import TYPE_CHECKING
 
 from smapq import sandbox
 from smapq.config.settings import load
+from smapq.config.tls import server_context
 from smapq.errors import EX_CONFIG, EX_SOFTWARE, EX_TEMPFAIL, ConfigError
 from smapq.intake.audit import LOG_CRIT, LOG_ERR, LOG_INFO, LOG_WARNING
 from smapq.intake.core import Site
@@ -50,6 +51,8 @@ from smapq.smtp import replies as R
 from smapq.store.intake_sqlite import free_space
 
 if TYPE_CHECKING:
+    from ssl import SSLContext
+
     from smapq.config.settings import SmapSettings
 
 SWEEP = 1.0  # seconds between timer checks
@@ -98,6 +101,8 @@ class Worker:
             "" if smap.jail else f"jail off: not chrooted into {smap.directory} (smap: jail off)"
         )
         self.done: asyncio.Future[None] | None = None
+        self.tls_ctx: SSLContext | None = None  # loaded as root, before the jail
+        self.wait = float(smap.timeout) if smap.timeout > 0 else 300.0
 
     # --- admission ---
     def admit(self, conn: Connection, addr: str, now: float) -> tuple[bytes, str] | None:
@@ -146,8 +151,8 @@ class Worker:
                 if conn.closing_since:
                     if now - conn.closing_since > 2 * LINGER:  # close() did not finish
                         conn.abort()
-                elif intake is None or intake.pending is not None:
-                    continue
+                elif intake is None or intake.pending is not None or conn.tls_task:
+                    continue  # a commit or a handshake (it has its own timeout) runs
                 elif shutting:
                     conn.end(intake.shutdown())
                 elif now - conn.started > lifetime:
@@ -191,7 +196,7 @@ def _loop_error(worker: Worker, context: dict[str, object]) -> None:
     worker.log(LOG_CRIT, text)
 
 
-def _site(smap: SmapSettings, log: LogSink, path: str) -> Site:
+def _site(smap: SmapSettings, log: LogSink, path: str, tls: bool) -> Site:
     directory = os.path.dirname(path) or "."
     return Site(
         smap.hostname or os.uname().nodename,
@@ -202,6 +207,7 @@ def _site(smap: SmapSettings, log: LogSink, path: str) -> Site:
         sink_or_none(log),
         lambda: free_space(directory),
         smap.strictpipelining,
+        tls,
     )
 
 
@@ -230,6 +236,8 @@ def run_worker(
             raise StoreError(
                 "smapq serve queues only into an SQLite file for now", R.R421_UNAVAILABLE
             )
+        # As root, before the jail: the key file need not be readable inside it.
+        tls_ctx = server_context(smap) if smap.tlscert else None
         # Confined before the loop exists: libuv then finds io_uring refused at once
         # and uses epoll alone; the writer forked later inherits the filter.
         sandbox.confine(hide=not smap.jail)
@@ -245,7 +253,8 @@ def run_worker(
         log.failure(LOG_ERR, f"fwtksyserr: {exc.reason}")
         return EX_TEMPFAIL
     path = smap.database_in_jail
-    worker = Worker(smap, _site(smap, log, path), log, anvil, slot, grace)
+    worker = Worker(smap, _site(smap, log, path, tls_ctx is not None), log, anvil, slot, grace)
+    worker.tls_ctx = tls_ctx
     worker.writer = ProcessCommitter(path, lambda text: log(LOG_ERR, text), worker.writer_lost)
     worker.writer.fork(sockets)  # jailed already; before the loop runs
     if worker.jail_note:

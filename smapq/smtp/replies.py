@@ -46,6 +46,8 @@ R250_EHLO = (
 )
 EHLO_SIZE = b"SIZE"  # RFC 1870 4: no number means no fixed limit
 EHLO_SIZE_LIMIT = b"SIZE %d"  # % maxbytes
+# Appended to the SIZE line when a certificate is configured and TLS is not yet on.
+EHLO_STARTTLS = b"\r\n250-STARTTLS"
 R501_HELO_SYNTAX = b"501 5.5.4 Syntax: HELO hostname\r\n"
 R501_EHLO_SYNTAX = b"501 5.5.4 Syntax: EHLO hostname\r\n"
 
@@ -86,6 +88,12 @@ R550_NUL = b"550 5.6.0 Error: NUL character in message data\r\n"
 # --- storage outcomes (chosen by the driver, sent by the session) ----------------------
 R451_STORE_FAILED = b"451 4.3.0 Error: queue file write error, try again later\r\n"
 R452_NO_SPACE = b"452 4.3.1 Insufficient system storage\r\n"
+
+# --- STARTTLS (RFC 3207 4; texts as Postfix) -------------------------------------------
+R220_STARTTLS = b"220 2.0.0 Ready to start TLS\r\n"
+R501_STARTTLS_SYNTAX = b"501 5.5.4 Syntax: STARTTLS\r\n"
+R502_NOT_IMPLEMENTED = b"502 5.5.1 Error: command not implemented\r\n"
+R554_TLS_ACTIVE = b"554 5.5.1 Error: TLS already active\r\n"
 
 # --- other commands ----------------------------------------------------------------------
 R554_SYNC = b"554 5.5.0 Error: SMTP protocol synchronization\r\n"  # Postfix's text

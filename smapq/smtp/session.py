@@ -15,7 +15,8 @@ no reference to it any more.
 
 The session appends audit events to ``events`` as tuples (kind, detail, address,
 code): kinds are connect, helo (detail = verb and name), mail, rcpt, reject (detail =
-reason), accept (detail = queue id), vrfy, expn, timeout, disconnect.  ``address`` is
+reason), accept (detail = queue id), vrfy, expn, timeout, disconnect, tls (detail =
+"VERSION CIPHER" with code 220 after a handshake, "handshake failed: ..." with 0).  ``address`` is
 the mailbox the event is about, as it would be stored (brackets and source route
 removed): the sender for mail/accept and for refusals of MAIL, its parameters or the
 message data; the recipient for rcpt and refusals of RCPT; ``"<>"`` for the null
@@ -52,6 +53,13 @@ Security: the session trusts nothing it is fed; it never raises on input (a
 hypothesis test feeds it arbitrary bytes).  Addresses are checked by
 smapq.smtp.address.
 
+STARTTLS (RFC 3207): offered by EHLO only when the driver set ``tls_offered`` and
+TLS is not on yet.  After ``220 Ready to start TLS`` the session reads nothing
+(``tls_wait``) and drops whatever the client pipelined behind STARTTLS: it came in
+plaintext (CVE-2011-0411).  ``tls_started`` resets to the state after the greeting
+(RFC 3207 4.2); a second STARTTLS gets 554 5.5.1.  The "with" type gains an ``S``
+(ESMTPS, UTF8SMTPS; RFC 3848, RFC 6531), HELO sessions stay SMTP (as Postfix).
+
 Standards: RFC 5321, RFC 1869/5321 EHLO, RFC 1870 SIZE, RFC 6152 8BITMIME,
 RFC 2920 PIPELINING, RFC 2034 ENHANCEDSTATUSCODES, RFC 6531 SMTPUTF8; the envelope's
 protocol (the Received: "with" type) is SMTP, ESMTP (RFC 3848) or UTF8SMTP (RFC 6531
@@ -77,7 +85,8 @@ _SKIP = 1  # discarding the rest of an overlong command line
 _DATA = 2  # reading message data, keeping it
 _DISCARD = 3  # reading message data to the final dot, refusal already decided
 _PENDING = 4  # a message waits for the driver's storage outcome
-_CLOSED = 5
+_TLS_WAIT = 5  # 220 to STARTTLS said; the driver runs the TLS handshake
+_CLOSED = 6
 
 _DOT_END = b"\r\n.\r\n"
 # RFC 2920 3.1: commands that may only be the last of a pipelined group.
@@ -160,6 +169,8 @@ class Session:
         "max_recipients",
         "pending",
         "strict_sync",
+        "tls",
+        "tls_offered",
     )
 
     def __init__(
@@ -197,12 +208,22 @@ class Session:
         self._rcpts: list[str] = []
         self._params: dict[str, str] = {}
         self._out: list[bytes] = []
+        # STARTTLS (RFC 3207): the driver sets ``tls_offered`` when it has a
+        # certificate; ``tls`` is "VERSION CIPHER" once the handshake is done.
+        self.tls_offered = False
+        self.tls = ""
 
     # --- driver interface ---
     @property
     def closed(self) -> bool:
         """True once the session said 221 or 421; the driver closes the connection."""
         return self._state == _CLOSED
+
+    @property
+    def tls_wait(self) -> bool:
+        """True after 220 to STARTTLS: the driver runs the handshake, then calls
+        ``tls_started`` or ``tls_failed``; nothing is read as a command meanwhile."""
+        return self._state == _TLS_WAIT
 
     @property
     def in_data(self) -> bool:
@@ -253,6 +274,31 @@ class Session:
         self.events.append((kind, detail, "", code))
         self._close(reason)
         return self._r(reply)
+
+    def tls_started(self, version: str, cipher: str) -> bytes:
+        """The handshake succeeded: back to the state just after the greeting.
+
+        RFC 3207 4.2: everything learned before TLS is forgotten (HELO/EHLO name,
+        ESMTP, the transaction); the client must say EHLO again.  Nothing was kept of
+        what it sent after STARTTLS in plaintext (see smtp_STARTTLS).
+        """
+        if self._state != _TLS_WAIT:
+            raise RuntimeError("no STARTTLS is waiting for its handshake")
+        self.tls = f"{version} {cipher}"
+        self.events.append(("tls", self.tls, "", 220))
+        self._state = _CMD
+        self._esmtp = False
+        self._helo = ""
+        self._reset()
+        self._buf.clear()
+        self._pos = 0
+        return b""
+
+    def tls_failed(self, detail: str) -> None:
+        """The handshake failed or the client left during it: the session ends."""
+        if self._state != _CLOSED:
+            self.events.append(("tls", "handshake failed: " + detail[:200], "", 0))
+            self._close("TLS handshake failed")
 
     def eof(self, detail: str = "peer dropped connection") -> None:
         """The client went away, or the driver gives up on it (``detail`` says why)."""
@@ -412,6 +458,8 @@ class Session:
         if self._hello(arg, "EHLO", R.R501_EHLO_SYNTAX):
             self._esmtp = True
             size = R.EHLO_SIZE_LIMIT % self.max_bytes if self.max_bytes >= 0 else R.EHLO_SIZE
+            if self.tls_offered and not self.tls:  # RFC 3207 4.2: never again after TLS
+                size += R.EHLO_STARTTLS
             self._out.append(R.R250_EHLO % (self.hostname, arg.strip(b" "), size))
             self._count_junk()
 
@@ -626,12 +674,14 @@ class Session:
     def _protocol(self) -> str:
         """The Received: "with" protocol type (RFC 3848; RFC 6531 3.7.3 for SMTPUTF8).
 
-        No TLS and no AUTH here, so never the ...S/...A variants.  SMTPUTF8 is only
-        accepted after EHLO, so UTF8SMTP implies ESMTP.
+        No AUTH here, so never the ...A variants.  SMTPUTF8 is only accepted after
+        EHLO, so UTF8SMTP implies ESMTP.
         """
+        tls = "S" if self.tls else ""
         if "SMTPUTF8" in self._params:
-            return "UTF8SMTP"
-        return "ESMTP" if self._esmtp else "SMTP"
+            return "UTF8SMTP" + tls
+        # Postfix: a HELO session stays SMTP even over TLS (RFC 3848 names ESMTPS only).
+        return "ESMTP" + tls if self._esmtp else "SMTP"
 
     # --- the other commands ---
     def smtp_RSET(self, arg: bytes) -> None:
@@ -656,6 +706,26 @@ class Session:
     def smtp_EXPN(self, arg: bytes) -> None:
         self.events.append(("expn", show(arg), "", 502))
         self._junk(R.R502_EXPN)
+
+    def smtp_STARTTLS(self, arg: bytes) -> None:
+        if not self.tls_offered:
+            self._error(R.R502_NOT_IMPLEMENTED, "STARTTLS not offered")
+        elif self.tls:
+            self._error(R.R554_TLS_ACTIVE, "STARTTLS after TLS")
+        elif arg.strip(b" "):
+            self._error(R.R501_STARTTLS_SYNTAX, "STARTTLS syntax")
+        else:
+            self._reply(R.R220_STARTTLS)
+            self._state = _TLS_WAIT
+            # CVE-2011-0411: what the client pipelined behind STARTTLS came in
+            # plaintext and must never run as if it came over TLS.  Postfix and
+            # aiosmtpd drop it (RFC 3207 4: STARTTLS ends a pipelined group).
+            left = len(self._buf) - self._pos
+            if left:
+                self.events.append(
+                    ("reject", f"{left} octets pipelined after STARTTLS discarded", "", 0)
+                )
+            self._pos = len(self._buf)
 
     def smtp_HELP(self, arg: bytes) -> None:
         self._junk(R.R214_HELP)
