@@ -23,6 +23,20 @@ Markdown tables show the median over the rounds.  After every run the stored cou
 checked: rows in the smapq database, files in Postfix's hold queue (and none in any
 other queue).  A lost message fails the bench (exit 1).
 
+TLS rows (``--tls``, issue 12): the same rounds with STARTTLS.  smtp-source has no TLS,
+so the load is bench/tls_source.py (forked Python clients with ``ssl``, the same
+shape: S sessions, a new connection per message, 2 KB bodies, EHLO -> STARTTLS ->
+EHLO -> MAIL -> RCPT -> DATA -> QUIT); one self-signed EC P-256 certificate and key
+serve every target.  Targets: ``serve`` and ``inetd`` with ``smap: tlscert/tlskey``,
+``postfix`` with smtpd_tls_cert_file/key_file (security level may, TLS 1.2+, tlsmgr,
+its default session tickets), and ``serve-plain``/``postfix-plain``: the same client
+without STARTTLS, so that (CPU/msg with TLS - CPU/msg without) / CPU/msg with TLS is
+the handshake's share of the server's CPU per message.  The generator's own CPU per
+message is reported: its ceiling is about 2 cores / that, since it shares the
+machine's 2 cores with the server.  ``--resume`` makes each client offer its previous
+TLS session (tickets): Postfix shares ticket keys across smtpd processes through
+tlsmgr; a ``smapq serve`` worker issues tickets that it alone can redeem.
+
 Run as root with the venv's python by absolute path, from a non-editable install
 (scripts/venv).  Installs Debian's postfix when smtp-source is missing (never starts or
 configures the system instance; /etc/postfix is checked to be unchanged at the end).
@@ -60,8 +74,13 @@ from benchrig import (
 )
 from postfix_private import SMTP_SOURCE, PrivatePostfix, SmtpSink, install, version
 
-TARGETS = ("serve", "postfix", "inetd", "sink")
+TARGETS = ("serve", "postfix", "inetd", "sink", "serve-plain", "postfix-plain")
+TLS_TARGETS = ("serve", "postfix", "serve-plain", "postfix-plain")
+PLAIN_TARGETS = ("serve-plain", "postfix-plain")
+TLS_SOURCE = Path(__file__).resolve().parent / "tls_source.py"
 LABELS = {
+    "serve-plain": "smapq serve, no TLS (same client)",
+    "postfix-plain": "Postfix {v} smtpd, no TLS (same client)",
     "serve": "smapq serve",
     "postfix": "Postfix {v} smtpd, hold queue, fsync before 250",
     "inetd": "smap under openbsd-inetd",
@@ -83,10 +102,13 @@ class Server(Protocol):
 class Running:
     """A started target: its server and how to check what it stored."""
 
-    def __init__(self, server: Server, check: Callable[[int], str | None]) -> None:
+    def __init__(
+        self, server: Server, check: Callable[[int], str | None], tls: bool = False
+    ) -> None:
         self.server = server
         self.check = check
         self.sent = 0
+        self.tls = tls  # the load says STARTTLS
 
 
 def spool_check(spool: Spool) -> Callable[[int], str | None]:
@@ -101,21 +123,56 @@ def spool_check(spool: Spool) -> Callable[[int], str | None]:
     return check
 
 
+def make_certs(directory: Path) -> tuple[Path, Path]:
+    """One self-signed EC P-256 certificate and key for every TLS target."""
+    directory.mkdir(parents=True, exist_ok=True)
+    cert, key = directory / "cert.pem", directory / "key.pem"
+    subprocess.run(
+        [
+            "openssl",
+            "req",
+            "-x509",
+            "-newkey",
+            "ec",
+            "-pkeyopt",
+            "ec_paramgen_curve:P-256",
+            "-nodes",
+            "-days",
+            "2",
+            "-subj",
+            "/CN=bench.smapq.invalid",
+            "-keyout",
+            str(key),
+            "-out",
+            str(cert),
+        ],
+        check=True,
+        capture_output=True,
+    )
+    key.chmod(0o600)
+    cert.chmod(0o644)
+    return cert, key
+
+
 def start(name: str, workdir: Path, args: argparse.Namespace) -> Running:
     extra = "\n".join(args.table_extra)
-    if name == "postfix":
-        pf = PrivatePostfix(workdir, maillog=args.maillog)
-        return Running(pf, pf.check)
+    tls = args.tls and name not in PLAIN_TARGETS
+    if name in ("postfix", "postfix-plain"):
+        pf = PrivatePostfix(workdir, maillog=args.maillog, tls=args.certs if tls else None)
+        return Running(pf, pf.check, tls)
     if name == "sink":
         sink = SmtpSink(workdir)
         return Running(sink, sink.check)
+    if tls:
+        cert, key = args.certs
+        extra += f"\nsmap: tlscert {cert}\nsmap: tlskey {key}\n"
     spool = make_spool(workdir, extra)
     server: Server
-    if name == "serve":
+    if name in ("serve", "serve-plain"):
         server = ServeServer(spool, workdir, shlex.split(args.serve_args), args.serve_command)
     else:
         server = InetdServer(spool, workdir, args.inetd_rate)
-    return Running(server, spool_check(spool))
+    return Running(server, spool_check(spool), tls)
 
 
 def smtp_source(port: int, sessions: int, messages: int, size: int) -> float:
@@ -135,26 +192,56 @@ def smtp_source(port: int, sessions: int, messages: int, size: int) -> float:
     return wall
 
 
+def tls_source(
+    port: int, sessions: int, messages: int, size: int, tls: bool, resume: bool
+) -> tuple[float, float, int]:
+    """Run bench/tls_source.py: (wall seconds, client CPU seconds, resumed sessions)."""
+    argv = [sys.executable, str(TLS_SOURCE), "-s", str(sessions), "-m", str(messages)]
+    argv += ["-l", str(size), *([] if tls else ["--plain"]), *(["--resume"] if resume else [])]
+    argv.append(f"127.0.0.1:{port}")
+    try:
+        done = subprocess.run(argv, capture_output=True, text=True, timeout=600, check=False)
+    except subprocess.TimeoutExpired:
+        raise RigError(f"tls_source did not finish in 600 s: {' '.join(argv)}") from None
+    if done.returncode != 0:
+        why = (done.stderr.strip().splitlines() or ["no message"])[-1]
+        raise RigError(f"tls_source exited {done.returncode}: {why}")
+    _, wall, cpu, resumed = done.stdout.split()
+    return float(wall), float(cpu), int(resumed)
+
+
 class Cell:
     """One measurement: target x sessions in one round."""
 
-    def __init__(self, rate: float, cpu_ms: float, messages: int) -> None:
+    def __init__(
+        self, rate: float, cpu_ms: float, messages: int, client_ms: float = 0.0, resumed: int = 0
+    ) -> None:
         self.rate = rate
         self.cpu_ms = cpu_ms
         self.messages = messages
+        self.client_ms = client_ms  # the load generator's CPU per message (TLS rows)
+        self.resumed = resumed
 
 
-def measure(run: Running, sessions: int, messages: int, size: int) -> Cell:
+def measure(
+    run: Running, sessions: int, messages: int, size: int, args: argparse.Namespace
+) -> Cell:
     server = run.server
     cpu0 = tree_cpu(server.pid)
-    wall = smtp_source(server.port, sessions, messages, size)
+    client = resumed = 0.0
+    if args.tls:
+        wall, client, r = tls_source(server.port, sessions, messages, size, run.tls, args.resume)
+        resumed = r
+    else:
+        wall = smtp_source(server.port, sessions, messages, size)
     server.idle()
     cpu1 = tree_cpu(server.pid)
     run.sent += messages
     problem = run.check(run.sent)
     if problem:
         raise RigError(f"LOST OR EXTRA MAIL: {problem}")
-    return Cell(messages / wall, (cpu1 - cpu0) * 1000 / messages, messages)
+    cpu_ms = (cpu1 - cpu0) * 1000 / messages
+    return Cell(messages / wall, cpu_ms, messages, client * 1000 / messages, int(resumed))
 
 
 def message_count(args: argparse.Namespace, rate: float, sessions: int) -> int:
@@ -187,16 +274,18 @@ def one_round(
         warm: dict[str, float] = {}
         for name in order:
             runs[name] = stack.enter_context(running(name, work / f"round{n}" / name, args))
-            warm[name] = measure(runs[name], WARMUP_SESSIONS, 2 * WARMUP_SESSIONS, args.size).rate
+            warm[name] = measure(
+                runs[name], WARMUP_SESSIONS, 2 * WARMUP_SESSIONS, args.size, args
+            ).rate
         for s in args.sessions:
             for name in order:
                 run = runs[name]
                 if (name, s) not in rates and not args.messages:
                     # first round: a short calibration run sizes the cell (and warms it)
                     probe = message_count(args, warm[name] / 3, s)
-                    rates[name, s] = measure(run, s, probe, args.size).rate
+                    rates[name, s] = measure(run, s, probe, args.size, args).rate
                 count = message_count(args, rates.get((name, s), warm[name]), s)
-                cell = measure(run, s, count, args.size)
+                cell = measure(run, s, count, args.size, args)
                 rates[name, s] = cell.rate
                 cells[name, s] = cell
                 results.setdefault((name, s), []).append(cell)
@@ -259,13 +348,13 @@ def report(
 
     def rate(name: str, s: int) -> str:
         text = f"{med(c.rate for c in results[name, s]):.0f}/s"
-        if ratios.get((name, s)) and name not in ("postfix", "sink"):
+        if ratios.get((name, s)) and name not in ("postfix", "sink", "postfix-plain"):
             text += f" ({med(ratios[name, s]):.2f}×)"
         return text
 
     def cpu(name: str, s: int) -> str:
         text = f"{med(c.cpu_ms for c in results[name, s]):.2f}"
-        if cpu_ratios.get((name, s)) and name not in ("postfix", "sink"):
+        if cpu_ratios.get((name, s)) and name not in ("postfix", "sink", "postfix-plain"):
             text += f" ({med(cpu_ratios[name, s]):.2f}×)"
         return text
 
@@ -284,12 +373,50 @@ def report(
         f"load average {args.load_before:.1f} when it started.",
         "",
     ]
+    if args.tls:
+        lines[1] = lines[1].replace("smtp-source", "bench/tls_source.py (STARTTLS)", 1)
+        if args.resume:
+            lines[1] += " Clients offer their previous TLS session (--resume)."
     ratio_note = " (ratio to Postfix, same round)" if "postfix" in names else ""
+    if args.tls:
+        ratio_note = " (ratio to Postfix with TLS; -plain rows to Postfix without)"
     lines += table(args, names, rate, f"messages/s{ratio_note}")
     lines += ["", *table(args, [n for n in names if n != "sink"], cpu, "server CPU ms/message")]
+    if args.tls:
+        lines += ["", *tls_tables(args, names, results)]
     if args.skipped:
         lines += ["", "Not measured: " + "; ".join(args.skipped) + "."]
     return "\n".join(lines)
+
+
+def tls_tables(
+    args: argparse.Namespace, names: list[str], results: dict[tuple[str, int], list[Cell]]
+) -> list[str]:
+    """The generator's own CPU, resumed sessions, and the handshake's share of CPU."""
+    med = statistics.median
+
+    def client(name: str, s: int) -> str:
+        cells = results[name, s]
+        text = f"{med(c.client_ms for c in cells):.2f}"
+        resumed = sum(c.resumed for c in cells)
+        if args.resume:
+            text += f" ({100 * resumed / max(1, sum(c.messages for c in cells)):.0f}% resumed)"
+        return text
+
+    out = table(args, names, client, "load generator CPU ms/message")
+
+    def share(name: str, s: int) -> str:
+        plain = results.get((f"{name}-plain", s))
+        if not plain:
+            return "-"
+        with_tls = med(c.cpu_ms for c in results[name, s])
+        without = med(c.cpu_ms for c in plain)
+        return f"{100 * (with_tls - without) / with_tls:.0f}% ({with_tls - without:.2f} ms)"
+
+    pairs = [n for n in ("serve", "postfix") if n in names and f"{n}-plain" in names]
+    if pairs:
+        out += ["", *table(args, pairs, share, "TLS handshake's share of server CPU/message")]
+    return out
 
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
@@ -314,6 +441,10 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         "--maillog", action="store_true", help="Postfix log to DIR/maillog (costs CPU)"
     )
     ap.add_argument("--no-install", action="store_true", help="never apt-get install postfix")
+    ap.add_argument("--tls", action="store_true", help="the STARTTLS rows (see above)")
+    ap.add_argument(
+        "--resume", action="store_true", help="with --tls: clients resume TLS sessions"
+    )
     args = ap.parse_args(argv)
     try:
         args.sessions = [int(s) for s in args.sessions.split(",") if s]
@@ -341,7 +472,12 @@ def prepare(args: argparse.Namespace) -> list[str]:
             )
         print("installing Debian's postfix (smtp-source, smtp-sink) ...", file=sys.stderr)
         install()
-    names = [t for t in TARGETS if t in args.only]
+    default = TLS_TARGETS if args.tls else tuple(t for t in TARGETS if t not in PLAIN_TARGETS)
+    names = [t for t in TARGETS if t in args.only and (args.explicit or t in default)]
+    if args.tls and "sink" in names:
+        raise RigError("smtp-sink has no TLS: leave 'sink' out of --only with --tls")
+    if args.tls:
+        args.certs = make_certs(Path(tempfile.mkdtemp(prefix="smapq-bench-tls-")))
     if "serve" in names and not args.serve_command and not serve_available():
         if args.explicit:
             raise RigError("this install has no 'smapq serve' (is it merged and installed?)")
@@ -364,7 +500,7 @@ def run(args: argparse.Namespace, names: list[str], work: Path) -> str:
         k = (n - 1) % len(names)
         cells = one_round(n, names[k:] + names[:k], args, work, results, rates)
         for (name, s), cell in cells.items():
-            base = cells.get(("postfix", s))
+            base = cells.get(("postfix-plain" if name in PLAIN_TARGETS else "postfix", s))
             if base:
                 ratios.setdefault((name, s), []).append(cell.rate / base.rate)
                 cpu_ratios.setdefault((name, s), []).append(cell.cpu_ms / base.cpu_ms)

@@ -9,6 +9,7 @@ queue file -- Postfix's default before it answers 250 -- and no delivery agent e
 so nothing is delivered: a message that left the hold queue would sit in deferred/
 and fail the check.  ``held()`` counts the files in hold/, and ``check()`` says what
 is wrong if any other queue has a file or the instance listens beyond its one port.
+With ``tls`` (certificate, key) smtpd offers STARTTLS (TLS 1.2+, tlsmgr for tickets).
 
 Security: run as root (master binds and drops to the postfix user).  The system
 instance (/etc/postfix, /var/spool/postfix) is never read for writing nor started:
@@ -68,6 +69,16 @@ proxymap  unix  - - n - -   proxymap
 showq     unix  n - n - -   showq
 """
 POSTLOG_CF = "postlog   unix-dgram n - n - 1 postlogd\n"
+# STARTTLS as a 2026 MX runs it: opportunistic, TLS 1.2+, Postfix's defaults otherwise
+# (session tickets on: smtpd_tls_session_cache_timeout 3600s; tlsmgr keeps the keys).
+TLS_CF = """\
+smtpd_tls_cert_file = {cert}
+smtpd_tls_key_file = {key}
+smtpd_tls_security_level = may
+smtpd_tls_protocols = >=TLSv1.2
+smtpd_tls_loglevel = 0
+"""
+TLSMGR_CF = "tlsmgr    unix  - - n 1000? 1 tlsmgr\n"
 
 
 def version() -> str:
@@ -86,7 +97,9 @@ class PrivatePostfix:
 
     name = "postfix"
 
-    def __init__(self, workdir: Path, maillog: bool = False) -> None:
+    def __init__(
+        self, workdir: Path, maillog: bool = False, tls: tuple[Path, Path] | None = None
+    ) -> None:
         self.workdir = workdir
         self.etc = workdir / "etc"
         self.queue = workdir / "queue"
@@ -99,6 +112,9 @@ class PrivatePostfix:
         self.port = free_port()
         main = MAIN_CF.format(queue=self.queue, data=data)
         master = MASTER_CF.format(port=self.port)
+        if tls is not None:
+            main += TLS_CF.format(cert=tls[0], key=tls[1])
+            master += TLSMGR_CF
         if maillog:
             main += f"maillog_file = {workdir / 'maillog'}\n"
             master += POSTLOG_CF
