@@ -6,7 +6,10 @@ Prints, from one run:
   * the receiver's spawn-to-banner time (exec of the installed ``smap`` on a socketpair
     until the first byte of "220"), median of many runs;
   * its ratio to ``<venv python> -I -S -c "import sqlite3"`` started the same way on the
-    same machine, interleaved with it (targets: ratio <= 1.5, >= 25 messages/s per core).
+    same machine, interleaved with it (targets: ratio <= 1.5, >= 25 messages/s per core);
+  * the same spawn-to-banner with ``smap: tlscert``/``tlskey`` set (an EC P-256
+    self-signed pair): the receiver then loads the ssl module and the key before the
+    jail (issue 12: only a receiver with a certificate pays for OpenSSL).
 
 Run it with the venv's interpreter by absolute path, from a non-editable install
 (scripts/venv makes one): an editable install adds a path finder that imports re,
@@ -56,7 +59,37 @@ def editable_install() -> bool:
     return any((site / "site-packages").glob("__editable__*smapq*"))
 
 
-def make_spool(root: Path, hostname: str) -> Path:
+def make_certs(root: Path) -> str:
+    """Table lines for a self-signed EC P-256 certificate and key made under ``root``."""
+    cert, key = root / "cert.pem", root / "key.pem"
+    subprocess.run(
+        [
+            "openssl",
+            "req",
+            "-x509",
+            "-newkey",
+            "ec",
+            "-pkeyopt",
+            "ec_paramgen_curve:P-256",
+            "-nodes",
+            "-days",
+            "2",
+            "-subj",
+            "/CN=bench.smapq.invalid",
+            "-keyout",
+            str(key),
+            "-out",
+            str(cert),
+        ],
+        check=True,
+        capture_output=True,
+    )
+    key.chmod(0o600)
+    return f"smap: tlscert {cert}\nsmap: tlskey {key}\n"
+
+
+def make_spool(root: Path, hostname: str, extra: str = "") -> Path:
+    root.mkdir(parents=True, exist_ok=True)
     table = root / "netperm-table"
     lines = [
         f"smap, smapd: directory {root / 'spool'}",
@@ -67,7 +100,7 @@ def make_spool(root: Path, hostname: str) -> Path:
         lines.append("smap, smapd: userid nobody")
     else:
         lines.append("smap: jail off")
-    table.write_text("\n".join(lines) + "\n")
+    table.write_text("\n".join(lines) + "\n" + extra)
     table.chmod(0o600)
     subprocess.run(
         [str(BIN / "smapq"), "-t", str(table), "init"], check=True, stdout=subprocess.DEVNULL
@@ -255,13 +288,18 @@ def main() -> None:
     try:
         table = make_spool(work, "bench.smapq.invalid")
         smap = [str(BIN / "smap"), "-t", str(table)]
+        tls_table = make_spool(work / "tls", "bench.smapq.invalid", make_certs(work))
+        smap_tls = [str(BIN / "smap"), "-t", str(tls_table)]
         base = [PYTHON, "-I", "-S", "-c", "import sqlite3"]
         spawn_to_first_byte(smap, True)  # warm the page cache
-        banner_times, base_times = [], []
+        spawn_to_first_byte(smap_tls, True)
+        banner_times, tls_times, base_times = [], [], []
         for _ in range(args.spawns):
             banner_times.append(spawn_to_first_byte(smap, True))
+            tls_times.append(spawn_to_first_byte(smap_tls, True))
             base_times.append(spawn_to_first_byte(base, False))
         banner = statistics.median(banner_times)
+        banner_tls = statistics.median(tls_times)
         baseline = statistics.median(base_times)
 
         proc, port = start_server(args.server, table, work)
@@ -302,6 +340,8 @@ def main() -> None:
     print(f"  spawn-to-banner (median of {args.spawns}): {banner * 1000:7.2f} ms")
     print(f"  baseline python -I -S -c 'import sqlite3': {baseline * 1000:7.2f} ms")
     print(f"  ratio:                          {banner / baseline:8.2f}   (target <= 1.5)")
+    print(f"  spawn-to-banner with tlscert/tlskey: {banner_tls * 1000:7.2f} ms")
+    print(f"  ratio with TLS configured:      {banner_tls / baseline:8.2f}")
 
 
 if __name__ == "__main__":

@@ -146,7 +146,13 @@ _simple(
     "sessions",
     reports.sessions,
     reports.DEFAULT_TOP,
-    "SMTP connections by client: accepted, refused, VRFY/EXPN, timeouts, last seen.",
+    "SMTP connections by client: accepted, refused, VRFY/EXPN, timeouts, TLS, last seen.",
+)
+_simple(
+    "tls",
+    reports.tls,
+    reports.DEFAULT_TOP,
+    "STARTTLS sessions by TLS version and cipher, and their share of connections.",
 )
 _simple(
     "refused",

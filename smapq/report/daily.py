@@ -66,6 +66,7 @@ class Daily:
         self.latency: list[tuple[Any, ...]] = []
         self.age_labels: list[str] = []
         self.age_counts: list[int] = []
+        self.tls: list[tuple[str, int]] = []  # (TLS version, sessions), most first
 
     def section(self, name: str) -> Report:
         return next(r for r in self.sections if r.name == name)
@@ -162,6 +163,7 @@ def collect(
     oldest = queries.report_oldest_waiting(conn)
     d.oldest_age = None if oldest is None else now - oldest
     d.traffic = _traffic(conn, d, since, until)
+    d.tls = reports.tls_versions(conn, w)
     for build in (reports.senders, reports.recipients, reports.clients):
         d.sections.append(_materialized(build(conn, w)))
     d.sections.append(
@@ -211,12 +213,29 @@ def totals_lines(d: Daily) -> list[tuple[str, str]]:
         ("bounced", f"{_n(t['bounced'], 'failure notice')}, {_n(t['warned'], 'delay warning')}"),
         ("refused", _n(t["reject"], "command")),
         ("probes", probes),
+        ("TLS", tls_line(d)),
         (
             "waiting now",
             f"{_n(d.waiting, 'message')} ({d.deferred_now} deferred, {d.held} held)"
             + (f", oldest {human_duration(d.oldest_age)}" if d.oldest_age is not None else ""),
         ),
     ]
+
+
+def tls_line(d: Daily) -> str:
+    """The share of connections that switched to TLS, by version."""
+    connections = d.totals["connect"]
+    tls = sum(n for _, n in d.tls)
+    if not connections:
+        return "no connection"
+
+    def pct(n: int) -> str:
+        return f"{100 * n / connections:.0f}%"
+
+    line = f"{pct(tls)} of connections ({_n(tls, 'session')})"
+    if d.tls:
+        line += ": " + ", ".join(f"{version} {pct(n)}" for version, n in d.tls)
+    return line
 
 
 def traffic_report(d: Daily) -> Report:

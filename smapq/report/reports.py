@@ -358,7 +358,8 @@ def bad(conn: Connection, w: Window) -> Report:
 
 
 def sessions(conn: Connection, w: Window) -> Report:
-    """Per client: connections, accepted messages, refusals, VRFY/EXPN, timeouts."""
+    """Per client: connections, accepted messages, refusals, VRFY/EXPN, timeouts, and
+    sessions that switched to TLS (STARTTLS handshakes that succeeded)."""
     columns = [
         Column("client_addr", title="CLIENT", flex=True),
         Column("connections", "int", "CONN"),
@@ -367,6 +368,7 @@ def sessions(conn: Connection, w: Window) -> Report:
         Column("vrfy", "int"),
         Column("expn", "int"),
         Column("timeouts", "int", "TIMEOUT"),
+        Column("tls", "int", "TLS"),
         Column("last_seen", "time", "LAST SEEN"),
     ]
     report = _report("sessions", columns, w)
@@ -395,6 +397,37 @@ def refused(conn: Connection, w: Window) -> Report:
     return report
 
 
+def tls_versions(conn: Connection, w: Window) -> list[tuple[str, int]]:
+    """(TLS version, sessions) in the window, most first (for the daily summary too)."""
+    by_version: dict[str, int] = {}
+    for detail, n, _last in queries.report_tls(conn, w.since, w.until):
+        version = str(detail or "").partition(" ")[0] or "?"
+        by_version[version] = by_version.get(version, 0) + int(n)
+    return sorted(by_version.items(), key=lambda vn: (-vn[1], vn[0]))
+
+
+def tls(conn: Connection, w: Window) -> Report:
+    """STARTTLS sessions by protocol version and cipher, with their share of all
+    connections in the window."""
+    columns = [
+        Column("version", title="VERSION"),
+        Column("cipher", title="CIPHER", flex=True),
+        Column("sessions", "int", "SESSIONS"),
+        Column("share", title="SHARE"),
+        Column("last_seen", "time", "LAST SEEN"),
+    ]
+    report = _report("tls", columns, w)
+    connections = queries.report_event_totals_between(conn, ["connect"], w.since, w.until)
+    total = connections["connect"]
+    rows = []
+    for detail, n, last in queries.report_tls(conn, w.since, w.until):
+        version, _, cipher = str(detail or "").partition(" ")
+        share = f"{100 * int(n) / total:.1f}%" if total else "-"
+        rows.append((version, cipher, int(n), share, last))
+    report.rows = rows[: w.top] if w.top else rows
+    return report
+
+
 REPORTS = {
     "summary": summary,
     "senders": senders,
@@ -404,4 +437,5 @@ REPORTS = {
     "bad": bad,
     "sessions": sessions,
     "refused": refused,
+    "tls": tls,
 }

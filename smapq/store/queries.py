@@ -1168,13 +1168,15 @@ def report_bad_list(
     return list(conn.execute(stmt))
 
 
-SESSION_KINDS = ("connect", "accept", "reject", "vrfy", "expn", "timeout")
+SESSION_KINDS = ("connect", "accept", "reject", "vrfy", "expn", "timeout", "tls")
+TLS_DONE = 220  # the code of a tls event whose handshake succeeded
 
 
 def report_sessions(
     conn: Connection, since: float | None, until: float | None, top: int
 ) -> list[Sequence[Any]]:
-    """Per client: connections, accepted, refused, vrfy, expn, timeouts, last seen.
+    """Per client: connections, accepted, refused, vrfy, expn, timeouts, TLS sessions
+    (handshakes that succeeded), last seen.
 
     Ranks clients by connections from ix_events_kind_client alone (grouped in index
     order, no sort of millions of events), then counts the other kinds for the winners.
@@ -1198,6 +1200,7 @@ def report_sessions(
             select(e.client_addr, e.kind, func.count(), func.max(e.at))
             .where(
                 e.kind.in_(SESSION_KINDS),
+                or_(e.kind != "tls", e.code == TLS_DONE),
                 e.client_addr.in_(clients),
                 *_window(e.at, since, until),
             )
@@ -1210,6 +1213,20 @@ def report_sessions(
         (c, cnt, *(counts.get((c, k), 0) for k in SESSION_KINDS[1:]), last.get(c))
         for c, cnt in ranked
     ]
+
+
+def report_tls(conn: Connection, since: float | None, until: float | None) -> list[Sequence[Any]]:
+    """(detail "VERSION CIPHER", sessions, last seen) of STARTTLS handshakes that
+    succeeded in the window, most first."""
+    e = events.c
+    n = func.count().label("n")
+    stmt = (
+        select(e.detail, n, func.max(e.at))
+        .where(e.kind == "tls", e.code == TLS_DONE, *_window(e.at, since, until))
+        .group_by(e.detail)
+        .order_by(n.desc(), e.detail)
+    )
+    return list(conn.execute(stmt))
 
 
 def report_refused(

@@ -4,6 +4,7 @@ certificates as configuration errors; handshakes that fail or are abandoned."""
 
 from __future__ import annotations
 
+import json
 import os
 import shutil
 import smtplib
@@ -132,6 +133,18 @@ def test_smtplib_sends_over_starttls(tls_rig: Rig) -> None:
     )
     (accept,) = tls_rig.rows("SELECT detail FROM events WHERE kind = 'accept'")
     assert accept[0] == events[0][0]  # the message's own row names version and cipher
+    # The reports: by version and cipher, per client, and the daily summary's share.
+    version, cipher = str(events[0][0]).split(" ")
+    by_version = json.loads(tls_rig.spool.smapq("report", "tls", "--format", "json").stdout)
+    assert [(r["version"], r["cipher"], r["sessions"], r["share"]) for r in by_version] == [
+        (version, cipher, 1, "100.0%")
+    ]
+    per_client = json.loads(tls_rig.spool.smapq("report", "sessions", "--format", "json").stdout)
+    assert [(r["client_addr"], r["accepted"], r["tls"]) for r in per_client] == [
+        ("127.0.0.1", 1, 1)
+    ]
+    daily = tls_rig.spool.smapq("report", "daily").stdout
+    assert f"100% of connections (1 session): {version} 100%" in daily
 
 
 def test_smtputf8_over_tls_is_utf8smtps(tls_rig: Rig) -> None:
