@@ -151,7 +151,10 @@ class Connection(asyncio.BufferedProtocol):
         elif intake is not None and intake.pending is None:
             intake.eof()
             self._close()
-        return True  # we close, once any commit in flight has been answered
+        # We close, once any commit in flight has been answered; a TLS transport closes
+        # itself at EOF whatever we say (and warns about a True).
+        transport = self.transport
+        return transport is None or transport.get_extra_info("ssl_object") is None
 
     def pause_writing(self) -> None:
         # The client does not read our replies: stop reading its commands until it does.
