@@ -135,11 +135,14 @@ def test_smtplib_sends_over_starttls(tls_rig: Rig) -> None:
     assert accept[0] == events[0][0]  # the message's own row names version and cipher
     # The reports: by version and cipher, per client, and the daily summary's share.
     version, cipher = str(events[0][0]).split(" ")
-    by_version = json.loads(tls_rig.spool.smapq("report", "tls", "--format", "json").stdout)
+    by_version = json.loads(tls_rig.spool.smapq("report", "tls", "--format", "json").stdout)[
+        "rows"
+    ]
     assert [(r["version"], r["cipher"], r["sessions"], r["share"]) for r in by_version] == [
         (version, cipher, 1, "100.0%")
     ]
-    per_client = json.loads(tls_rig.spool.smapq("report", "sessions", "--format", "json").stdout)
+    sessions = tls_rig.spool.smapq("report", "sessions", "--format", "json").stdout
+    per_client = json.loads(sessions)["rows"]
     assert [(r["client_addr"], r["accepted"], r["tls"]) for r in per_client] == [
         ("127.0.0.1", 1, 1)
     ]
