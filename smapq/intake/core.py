@@ -11,7 +11,8 @@ event loop with many sessions).  An ``Intake`` wraps the sans-I/O SMTP session
   ``Submission`` (smapq.intake.port); the transport commits it through a backend and
   calls ``committed(error)``, which answers 250 only for a durable commit and 451/452
   otherwise, then goes on with whatever the client pipelined;
-- refusals at the door (limits) and the ends a transport imposes (idle timeout,
+- refusals at the door (limits, and the access policy of the netperm-table at each
+  RCPT: smapq.intake.policy) and the ends a transport imposes (idle timeout,
   session lifetime, shutdown), each a reply, an event and a log line.
 
 A transport only moves bytes, keeps timers and hands submissions to a backend:
@@ -55,6 +56,7 @@ TYPE_CHECKING = False
 if TYPE_CHECKING:
     from collections.abc import Callable
 
+    from smapq.config.policy import Policy
     from smapq.intake.audit import LogSink
     from smapq.intake.port import StoreError
     from smapq.smtp.session import Envelope
@@ -70,6 +72,7 @@ class Site:
         "maxbytes",
         "maxerrors",
         "maxrecip",
+        "policy",
         "reserve",
         "strict_sync",
     )
@@ -84,6 +87,7 @@ class Site:
         log: LogSink | None = None,
         free_space: Callable[[], int | None] | None = None,
         strict_sync: bool = True,
+        policy: Policy | None = None,
     ) -> None:
         self.hostname = hostname
         self.maxbytes = maxbytes
@@ -93,6 +97,9 @@ class Site:
         self.log = log
         self.free_space = free_space
         self.strict_sync = strict_sync
+        # The access policy (smapq.config.policy), built once per process start or
+        # reload; None: every recipient from every client, as FWTK smap took them.
+        self.policy = policy
 
 
 def received_header(env: Envelope, addr: str, hostname: str, queue_id: str, now: float) -> str:
@@ -110,7 +117,17 @@ def received_header(env: Envelope, addr: str, hostname: str, queue_id: str, now:
 class Intake:
     """One SMTP connection's intake; see the module docstring for the contract."""
 
-    __slots__ = ("_deferred_end", "addr", "audit", "pending", "port", "session", "site")
+    __slots__ = (
+        "_client",
+        "_deferred_end",
+        "_denied",
+        "addr",
+        "audit",
+        "pending",
+        "port",
+        "session",
+        "site",
+    )
 
     def __init__(self, site: Site, addr: str, port: int) -> None:
         self.site = site
@@ -120,8 +137,16 @@ class Intake:
         self.session = Session(
             site.hostname, site.maxbytes, site.maxrecip, site.maxerrors, site.strict_sync
         )
-        if site.free_space is not None:
-            self.session.mail_check = self._space_check
+        self._denied = ""  # the deny rule's detail once one matched
+        self._client: tuple[int, int] | None = None
+        if site.free_space is not None or site.policy is not None:
+            self.session.mail_check = self._mail_check
+        if site.policy is not None:
+            # Imported only with a policy: a table without one pays nothing for it.
+            from smapq.intake.policy import client_of  # noqa: PLC0415
+
+            self._client = client_of(addr)
+            self.session.rcpt_check = self._rcpt_check
         self.pending: Submission | None = None
         self._deferred_end: tuple[str, bytes] | None = None
 
@@ -275,9 +300,23 @@ class Intake:
         sub.renew_id()
         return sub
 
-    def _space_check(self) -> tuple[bytes, str] | None:
+    def _rcpt_check(self, sender: str, rcpt: str) -> tuple[bytes, str, bool]:
+        """The access policy's decision on one recipient (smapq.intake.policy)."""
+        from smapq.intake.policy import decide  # noqa: PLC0415 - loaded by __init__
+
+        policy = self.site.policy
+        assert policy is not None
+        reply, detail, deny = decide(policy, self._client, sender, rcpt)
+        if deny:
+            self._denied = detail
+        return reply, detail, deny
+
+    def _mail_check(self) -> tuple[bytes, str] | None:
+        if self._denied:  # a deny rule matched: this session sends nothing more
+            return R.R554_DENIED_SESSION, self._denied + ": session denied"
         site = self.site
-        assert site.free_space is not None
+        if site.free_space is None:
+            return None
         free = site.free_space()
         if free is None or free >= site.reserve:
             return None

@@ -178,6 +178,7 @@ class InetdReceiver:
             sink_or_none(self.log),
             store.free_space,
             smap.strictpipelining,
+            smap.policy,
         )
         self.intake = Intake(site, addr, port)
         self.wait = float(smap.timeout) if smap.timeout > 0 else None

@@ -202,6 +202,7 @@ def _site(smap: SmapSettings, log: LogSink, path: str) -> Site:
         sink_or_none(log),
         lambda: free_space(directory),
         smap.strictpipelining,
+        smap.policy,
     )
 
 

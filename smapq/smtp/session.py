@@ -14,8 +14,9 @@ an error later in the session cannot touch an accepted message: the session hold
 no reference to it any more.
 
 The session appends audit events to ``events`` as tuples (kind, detail, address,
-code): kinds are connect, helo (detail = verb and name), mail, rcpt, reject (detail =
-reason), accept (detail = queue id), vrfy, expn, timeout, disconnect.  ``address`` is
+code): kinds are connect, helo (detail = verb and name), mail, rcpt (detail = the
+driver's access decision, if it made one), reject (detail = reason), accept (detail =
+queue id), vrfy, expn, timeout, disconnect.  ``address`` is
 the mailbox the event is about, as it would be stored (brackets and source route
 removed): the sender for mail/accept and for refusals of MAIL, its parameters or the
 message data; the recipient for rcpt and refusals of RCPT; ``"<>"`` for the null
@@ -159,6 +160,7 @@ class Session:
         "max_bytes",
         "max_recipients",
         "pending",
+        "rcpt_check",
         "strict_sync",
     )
 
@@ -182,6 +184,11 @@ class Session:
         # The driver's check before a sender is accepted (free spool space): a refusal
         # (reply, reason) or None.  Not the client's fault, so not an error.
         self.mail_check: Callable[[], tuple[bytes, str] | None] | None = None
+        # The driver's access decision on each recipient, given (sender, recipient):
+        # (reply, detail, deny); reply b"" accepts it, ``detail`` goes into the event;
+        # a refusal counts as an error (dictionary attacks end at maxerrors) and
+        # ``deny`` also drops the transaction.
+        self.rcpt_check: Callable[[str, str], tuple[bytes, str, bool]] | None = None
         self._buf = bytearray()
         self._pos = 0
         self._state = _CMD
@@ -527,8 +534,17 @@ class Session:
             if self._overshoot > limits.RECIPIENT_OVERSHOOT:
                 self._count_error()
             return
+        detail = ""
+        if self.rcpt_check is not None:
+            assert self._sender is not None
+            refusal, detail, deny = self.rcpt_check(self._sender, rcpt)
+            if refusal:
+                if deny:
+                    self._reset()
+                self._error(refusal, detail, rcpt)
+                return
         self._rcpts.append(rcpt)
-        self.events.append(("rcpt", "", rcpt, 250))
+        self.events.append(("rcpt", detail, rcpt, 250))
         self._reply(R.R250_RCPT_OK % (b"<" + mailbox + b">"))
 
     def smtp_DATA(self, arg: bytes) -> None:
