@@ -114,6 +114,14 @@ def received_header(env: Envelope, addr: str, hostname: str, queue_id: str, now:
     )
 
 
+def pre_jail_init(policy: Policy | None) -> None:
+    """Load what connections will need before the transport chroots (Postfix's
+    pre_jail_init): the jail holds no Python modules, and a table without a policy
+    pays nothing for the policy's."""
+    if policy is not None:
+        import smapq.intake.policy  # noqa: F401, PLC0415
+
+
 class Intake:
     """One SMTP connection's intake; see the module docstring for the contract."""
 
@@ -142,7 +150,7 @@ class Intake:
         if site.free_space is not None or site.policy is not None:
             self.session.mail_check = self._mail_check
         if site.policy is not None:
-            # Imported only with a policy: a table without one pays nothing for it.
+            # Loaded by pre_jail_init: a table without a policy pays nothing for it.
             from smapq.intake.policy import client_of  # noqa: PLC0415
 
             self._client = client_of(addr)

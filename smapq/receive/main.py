@@ -53,7 +53,7 @@ from smapq.config.netperm import table_path
 from smapq.config.settings import load
 from smapq.errors import EX_CONFIG, EX_SOFTWARE, EX_TEMPFAIL, EX_USAGE, ConfigError
 from smapq.intake.audit import LOG_CRIT, LOG_ERR, LOG_WARNING
-from smapq.intake.core import Intake, Site
+from smapq.intake.core import Intake, Site, pre_jail_init
 from smapq.intake.port import StoreError
 from smapq.receive import jail
 from smapq.receive.logsink import LogSink, crash_report, sink_or_none
@@ -167,6 +167,7 @@ class InetdReceiver:
                 " (set 'smap: database' to a file name)",
                 R.R421_UNAVAILABLE,
             )
+        pre_jail_init(smap.policy)
         jail.enter(smap.directory, smap.jail, smap.userid, smap.groupid)
         self.store = store = SqliteIntake(smap.database_in_jail)
         site = Site(

@@ -39,7 +39,7 @@ from smapq import sandbox
 from smapq.config.settings import load
 from smapq.errors import EX_CONFIG, EX_SOFTWARE, EX_TEMPFAIL, ConfigError
 from smapq.intake.audit import LOG_CRIT, LOG_ERR, LOG_INFO, LOG_WARNING
-from smapq.intake.core import Site
+from smapq.intake.core import Site, pre_jail_init
 from smapq.intake.port import StoreError
 from smapq.receive import jail
 from smapq.receive.logsink import LogSink, crash_report, sink_or_none
@@ -235,6 +235,7 @@ def run_worker(
         # and uses epoll alone; the writer forked later inherits the filter.
         sandbox.confine(hide=not smap.jail)
         loop = new_loop(loop_kind)
+        pre_jail_init(smap.policy)
         jail.enter(smap.directory, smap.jail, smap.userid, smap.groupid)
     except ConfigError as exc:
         log.failure(LOG_ERR, f"fwtkcfgerr: {exc}")
