@@ -6,7 +6,9 @@ Prints, from one run:
   * the receiver's spawn-to-banner time (exec of the installed ``smap`` on a socketpair
     until the first byte of "220"), median of many runs;
   * its ratio to ``<venv python> -I -S -c "import sqlite3"`` started the same way on the
-    same machine, interleaved with it (targets: ratio <= 1.5, >= 25 messages/s per core).
+    same machine, interleaved with it (targets: ratio <= 1.5, >= 25 messages/s per core);
+  * the same with an access policy in the table (``smap: domains``, a recipients file of
+    1000 entries, five rules: docs/policy.md), interleaved with both.
 
 Run it with the venv's interpreter by absolute path, from a non-editable install
 (scripts/venv makes one): an editable install adds a path finder that imports re,
@@ -73,6 +75,25 @@ def make_spool(root: Path, hostname: str) -> Path:
         [str(BIN / "smapq"), "-t", str(table), "init"], check=True, stdout=subprocess.DEVNULL
     )
     return table
+
+
+def policy_table(table: Path) -> Path:
+    """A second table for the same spool with a typical access policy."""
+    rcpts = table.parent / "recipients"
+    rcpts.write_text("".join(f"user{i}\n" for i in range(999)) + "sink\n")
+    rules = [
+        "smap: domains example.net .example.net example.org",
+        f"smap: recipients {rcpts}",
+        "smap: rule allow 10.0.0.0/8,192.168.0.0/16,fd00::/8 * *",
+        "smap: rule deny 192.0.2.0/24,2001:db8::/32 * *",
+        "smap: rule noto * * *%*@*",
+        "smap: rule noto * *@spam.example *",
+        "smap: rule noto * <> *@list.example.net",
+    ]
+    out = table.parent / "netperm-table-policy"
+    out.write_text(table.read_text() + "\n".join(rules) + "\n")
+    out.chmod(0o600)
+    return out
 
 
 def free_port() -> int:
@@ -255,13 +276,17 @@ def main() -> None:
     try:
         table = make_spool(work, "bench.smapq.invalid")
         smap = [str(BIN / "smap"), "-t", str(table)]
+        smap_policy = [str(BIN / "smap"), "-t", str(policy_table(table))]
         base = [PYTHON, "-I", "-S", "-c", "import sqlite3"]
         spawn_to_first_byte(smap, True)  # warm the page cache
-        banner_times, base_times = [], []
+        spawn_to_first_byte(smap_policy, True)
+        banner_times, policy_times, base_times = [], [], []
         for _ in range(args.spawns):
             banner_times.append(spawn_to_first_byte(smap, True))
+            policy_times.append(spawn_to_first_byte(smap_policy, True))
             base_times.append(spawn_to_first_byte(base, False))
         banner = statistics.median(banner_times)
+        with_policy = statistics.median(policy_times)
         baseline = statistics.median(base_times)
 
         proc, port = start_server(args.server, table, work)
@@ -302,6 +327,8 @@ def main() -> None:
     print(f"  spawn-to-banner (median of {args.spawns}): {banner * 1000:7.2f} ms")
     print(f"  baseline python -I -S -c 'import sqlite3': {baseline * 1000:7.2f} ms")
     print(f"  ratio:                          {banner / baseline:8.2f}   (target <= 1.5)")
+    print(f"  spawn-to-banner with a policy:  {with_policy * 1000:8.2f} ms")
+    print(f"  ratio with a policy:            {with_policy / baseline:8.2f}   (target <= 1.5)")
 
 
 if __name__ == "__main__":
