@@ -222,15 +222,16 @@ def _label(part: str) -> bool:
     return all(c.isalnum() or c in "-_" or ord(c) > 127 for c in part)
 
 
-def _read_list(path: str, keyword: str) -> list[tuple[int, str]]:
-    """(line number, word) of every non-comment line of a domains/recipients file."""
+def _read_list(path: str, rule: Rule) -> list[tuple[int, str]]:
+    """(line number, word) of every non-comment line of the file ``rule`` names."""
+    keyword = rule.keyword
     try:
         with open(path, encoding="utf-8", errors="strict") as fh:
             text = fh.read()
-    except OSError as exc:
-        raise ConfigError(f"cannot read {path}: {exc.strerror}", path, 0, keyword) from None
+    except OSError as exc:  # named by the table line that refers to it
+        raise rule.error(f"cannot read {path}: {exc.strerror}") from None
     except UnicodeDecodeError as exc:
-        raise ConfigError(f"not UTF-8 text ({exc.reason})", path, 0, keyword) from None
+        raise rule.error(f"{path}: not UTF-8 text ({exc.reason})") from None
     out = []
     for number, raw in enumerate(text.splitlines(), start=1):
         line = raw.partition("#")[0].strip()
@@ -291,7 +292,7 @@ def _add_domains(policy: Policy, rules: list[Rule]) -> None:
             raise rule.error("takes domain names or files (absolute paths)")
         for arg in rule.args:
             if arg.startswith("/"):
-                entries = _read_list(arg, "domains")
+                entries = _read_list(arg, rule)
                 where = arg
             else:
                 entries = [(rule.line, arg)]
@@ -315,7 +316,7 @@ def _add_recipients(policy: Policy, rule: Rule) -> None:
     path = rule.args[0]
     full: set[str] = set()
     local: set[str] = set()
-    for number, word in _read_list(path, "recipients"):
+    for number, word in _read_list(path, rule):
         lp, at, domain = word.lower().rpartition("@")
         if not at:
             local.add(domain)

@@ -210,7 +210,7 @@ def test_a_bad_line_in_a_domains_file_names_that_file(tmp_path: Path) -> None:
 
 
 def test_missing_files_and_recipients_without_domains(tmp_path: Path) -> None:
-    with pytest.raises(ConfigError, match="cannot read /nonexistent/d"):
+    with pytest.raises(ConfigError, match=r"^t:1: domains: cannot read /nonexistent/d: "):
         loads("smap: domains /nonexistent/d\n", "t")
     valid = tmp_path / "rcpts"
     valid.write_text("alice\n")
