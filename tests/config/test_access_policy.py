@@ -6,12 +6,13 @@ import ipaddress
 from pathlib import Path
 
 import pytest
-from hypothesis import given
+from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from smapq.config.policy import Glob, Policy, client_address, parse_network
 from smapq.config.settings import loads
 from smapq.errors import ConfigError
+from smapq.intake.core import Intake, Site
 from smapq.intake.policy import client_of, decide
 from smapq.smtp import replies as R
 
@@ -273,3 +274,44 @@ def test_mapped_networks_match_as_ipv4() -> None:
     assert client_address("::ffff:192.0.2.9") == four
     assert client_address("fe80::1%eth0") == client_address("fe80::1")
     assert client_address("unknown") is None
+
+
+# --- the intake core with a policy: never raises, refused recipients never stored ------
+
+POLICY_TOKENS = [
+    b"EHLO c\r\n",
+    b"MAIL FROM:<a@b.c>\r\n",
+    b"MAIL FROM:<>\r\n",
+    b"MAIL FROM:<x@spam.example>\r\n",
+    b"RCPT TO:<u@example.com>\r\n",
+    b"RCPT TO:<u@elsewhere.org>\r\n",
+    b"RCPT TO:<u%x@example.com>\r\n",
+    b"RCPT TO:<abuse-1@example.com>\r\n",
+    b"RCPT TO:<postmaster>\r\n",
+    b"DATA\r\nhi\r\n.\r\n",
+    b"RSET\r\n",
+]
+
+
+@settings(deadline=None, suppress_health_check=[HealthCheck.too_slow], max_examples=200)
+@given(
+    st.lists(st.sampled_from(POLICY_TOKENS), max_size=30),
+    st.sampled_from(["192.0.2.9", "10.1.1.1", "::ffff:192.0.2.9", "2001:db8::1", ""]),
+)
+def test_intake_with_a_policy_stores_only_accepted_recipients(
+    tokens: list[bytes], client: str
+) -> None:
+    site = Site("mx.example.com", 100000, 100, 1000, policy=policy(RULES), strict_sync=False)
+    intake = Intake(site, client, 25)
+    intake.greeting()
+    stored: list[tuple[str, str]] = []
+    for token in tokens:
+        intake.feed(token)
+        while intake.pending is not None:
+            sub = intake.pending
+            assert sub.message is not None
+            stored += [(str(sub.message["mail_from"]), r) for r in sub.recipients]
+            intake.committed(None)
+    p = policy(RULES)
+    for sender, rcpt in stored:  # every stored recipient is one the policy accepts
+        assert decide(p, client_of(client), sender, rcpt)[0] == b"", (sender, rcpt)

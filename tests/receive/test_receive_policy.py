@@ -102,6 +102,9 @@ def test_domains_and_recipients_refuse_at_rcpt_and_store_only_the_accepted(
         "u@elsewhere.example",
     )
     assert rows[(f"{table}:{n}", "recipients: user unknown")]["count"] == 1
+    daily = rig.spool.smapq("report", "daily", "--width", "0").stdout
+    assert f"policy {table}:{n - 1} domains: relay access denied" in daily
+    assert f"policy {table}:{n} recipients: user unknown" in daily
 
 
 # --- rules ----------------------------------------------------------------------------
