@@ -181,8 +181,8 @@ class Session:
         self.strict_sync = strict_sync
         self.events: list[Event] = []
         self.pending: Envelope | None = None
-        # The driver's check before a sender is accepted (free spool space): a refusal
-        # (reply, reason) or None.  Not the client's fault, so not an error.
+        # The driver's check before a sender is accepted (free spool space, a session
+        # the access policy denied): a refusal (reply, reason) or None.
         self.mail_check: Callable[[], tuple[bytes, str] | None] | None = None
         # The driver's access decision on each recipient, given (sender, recipient):
         # (reply, detail, deny); reply b"" accepts it, ``detail`` goes into the event;
@@ -452,7 +452,12 @@ class Session:
         if self.mail_check is not None:
             refusal = self.mail_check()
             if refusal is not None:
-                self._reject(refusal[0], refusal[1], shown)
+                # 4xx (spool space) is our trouble; 5xx (a session the access policy
+                # denied) is the client's, and counts, so a MAIL loop ends at the limit.
+                if refusal[0][:1] == b"5":
+                    self._error(refusal[0], refusal[1], shown)
+                else:
+                    self._reject(refusal[0], refusal[1], shown)
                 return
         self._sender = mailbox.decode("utf-8")
         self._params = params

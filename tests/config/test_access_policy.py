@@ -315,3 +315,15 @@ def test_intake_with_a_policy_stores_only_accepted_recipients(
     p = policy(RULES)
     for sender, rcpt in stored:  # every stored recipient is one the policy accepts
         assert decide(p, client_of(client), sender, rcpt)[0] == b"", (sender, rcpt)
+
+
+def test_a_denied_session_ends_at_maxerrors_however_it_loops() -> None:
+    site = Site("mx.example.com", 100000, 100, 5, policy=policy(RULES), strict_sync=False)
+    intake = Intake(site, "192.0.2.9", 25)
+    intake.greeting()
+    intake.feed(b"EHLO c\r\nMAIL FROM:<a@b.c>\r\n")
+    assert intake.feed(b"RCPT TO:<u@example.com>\r\n") == R.R554_DENIED % b"<u@example.com>"
+    replies = [intake.feed(b"MAIL FROM:<a@b.c>\r\n") for _ in range(4)]
+    assert replies[:3] == [R.R554_DENIED_SESSION] * 3
+    assert replies[3].endswith(R.R421_TOO_MANY_ERRORS % b"mx.example.com")
+    assert intake.closed
