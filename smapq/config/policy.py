@@ -222,25 +222,40 @@ def _label(part: str) -> bool:
     return all(c.isalnum() or c in "-_" or ord(c) > 127 for c in part)
 
 
-def _read_list(path: str, rule: Rule) -> list[tuple[int, str]]:
-    """(line number, word) of every non-comment line of the file ``rule`` names."""
-    keyword = rule.keyword
-    try:
-        with open(path, encoding="utf-8", errors="strict") as fh:
-            text = fh.read()
-    except OSError as exc:  # named by the table line that refers to it
-        raise rule.error(f"cannot read {path}: {exc.strerror}") from None
-    except UnicodeDecodeError as exc:
-        raise rule.error(f"{path}: not UTF-8 text ({exc.reason})") from None
-    out = []
-    for number, raw in enumerate(text.splitlines(), start=1):
-        line = raw.partition("#")[0].strip()
-        if not line:
-            continue
-        if len(line.split()) != 1:
-            raise ConfigError("one name per line", path, number, keyword)
-        out.append((number, line))
-    return out
+class _ListFile:
+    """The words of a domains or recipients file, one per line, ``#`` comments.
+
+    Read per connection under inetd, so the common case is a few C-level string
+    operations over the whole text; line numbers are found only for an error.
+    """
+
+    __slots__ = ("addresses", "keyword", "lines", "path", "words")
+
+    def __init__(self, path: str, rule: Rule) -> None:
+        self.path = path
+        self.keyword = rule.keyword
+        try:
+            with open(path, encoding="utf-8", errors="strict") as fh:
+                text = fh.read()
+        except OSError as exc:  # named by the table line that refers to it
+            raise rule.error(f"cannot read {path}: {exc.strerror}") from None
+        except UnicodeDecodeError as exc:
+            raise rule.error(f"{path}: not UTF-8 text ({exc.reason})") from None
+        text = text.lower()  # names and recipients are matched without case
+        if "#" in text:
+            text = "\n".join(line.partition("#")[0] for line in text.split("\n"))
+        self.lines = text.splitlines()
+        self.words = text.split()
+        self.addresses = [w for w in self.words if "@" in w] if "@" in text else []
+        if " " in text or "\t" in text or "\f" in text or "\v" in text:
+            for number, line in enumerate(self.lines, start=1):
+                if len(line.split()) > 1:
+                    raise ConfigError("one name per line", path, number, self.keyword)
+
+    def error(self, word: str, message: str) -> ConfigError:
+        """A ConfigError naming the line ``word`` is on."""
+        number = next((n for n, line in enumerate(self.lines, start=1) if line.strip() == word), 0)
+        return ConfigError(message, self.path, number, self.keyword)
 
 
 class Policy:
@@ -291,19 +306,14 @@ def _add_domains(policy: Policy, rules: list[Rule]) -> None:
         if not rule.args:
             raise rule.error("takes domain names or files (absolute paths)")
         for arg in rule.args:
-            if arg.startswith("/"):
-                entries = _read_list(arg, rule)
-                where = arg
-            else:
-                entries = [(rule.line, arg)]
-                where = ""
-            for number, word in entries:
+            listed = _ListFile(arg, rule) if arg.startswith("/") else None
+            for word in listed.words if listed else (arg,):
                 try:
                     name = _domain(word)
                 except ValueError as exc:
-                    if where:
-                        raise ConfigError(str(exc), where, number, "domains") from None
-                    raise rule.error(str(exc)) from None
+                    raise (
+                        listed.error(word, str(exc)) if listed else rule.error(str(exc))
+                    ) from None
                 (parents if name.startswith(".") else names).add(name)
     policy.domains = frozenset(names)
     policy.parents = tuple(sorted(parents))
@@ -313,20 +323,18 @@ def _add_domains(policy: Policy, rules: list[Rule]) -> None:
 def _add_recipients(policy: Policy, rule: Rule) -> None:
     if len(rule.args) != 1 or not rule.args[0].startswith("/"):
         raise rule.error("takes one argument, the absolute path of a file")
-    path = rule.args[0]
+    listed = _ListFile(rule.args[0], rule)
+    words = listed.words  # lower case already
+    addresses = listed.addresses
+    local = set(words).difference(addresses) if addresses else set(words)
     full: set[str] = set()
-    local: set[str] = set()
-    for number, word in _read_list(path, rule):
-        lp, at, domain = word.lower().rpartition("@")
-        if not at:
-            local.add(domain)
-            continue
-        try:
-            if not lp:
-                raise ValueError(f"{word!r} has an empty local part")
-            full.add(f"{lp}@{_domain(domain)}")
-        except ValueError as exc:
-            raise ConfigError(str(exc), path, number, "recipients") from None
+    for word in addresses:
+        lp, _, domain = word.rpartition("@")
+        # Not the domain syntax check of smap: domains: an entry that is no address
+        # simply never matches, and a large file is read on every inetd connection.
+        if not lp or not domain.rstrip("."):
+            raise listed.error(word, f"{word!r} is not local@domain")
+        full.add(f"{lp}@{domain.rstrip('.')}")
     policy.recipients = frozenset(full)
     policy.local_parts = frozenset(local)
     policy.recipients_where = f"{rule.path}:{rule.line}"

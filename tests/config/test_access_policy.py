@@ -218,7 +218,7 @@ def test_missing_files_and_recipients_without_domains(tmp_path: Path) -> None:
     with pytest.raises(ConfigError, match="t:1: recipients: needs smap: domains"):
         loads(f"smap: recipients {valid}\n", "t")
     valid.write_text("@example.com\n")
-    with pytest.raises(ConfigError, match=f"{valid}:1: recipients: .*empty local part"):
+    with pytest.raises(ConfigError, match=f"{valid}:1: recipients: .*is not local@domain"):
         loads(f"smap: domains example.com\nsmap: recipients {valid}\n", "t")
 
 
