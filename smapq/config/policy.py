@@ -286,18 +286,6 @@ class Policy:
         domain = domain.lower().rstrip(".")
         return domain in self.domains or domain.endswith(self.parents)
 
-    def describe(self) -> list[str]:
-        """One line per part, for check-config and the docs' examples."""
-        out = []
-        if self.domains is not None:
-            names = sorted(self.domains) + list(self.parents)
-            out.append(f"domains ({self.domains_where}): {len(names)} names")
-        if self.recipients is not None:
-            n = len(self.recipients) + len(self.local_parts)
-            out.append(f"recipients ({self.recipients_where}): {n} entries")
-        out += [f"rule {r.where}: {r.text}" for r in self.rules]
-        return out
-
 
 def _add_domains(policy: Policy, rules: list[Rule]) -> None:
     names: set[str] = set()
