@@ -38,6 +38,8 @@ def _show(value: object) -> str:
         return "on" if value else "off"
     if isinstance(value, frozenset):
         return ",".join(str(v) for v in sorted(value))
+    if isinstance(value, tuple):  # every line of a multi-line keyword
+        return " | ".join(str(v) for v in value)
     return str(value)
 
 

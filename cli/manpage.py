@@ -146,6 +146,8 @@ _KINDS = {
     "database": "a file name inside the spool, or a SQLAlchemy URL",
     "codes": "exit codes separated by commas",
     "word": "one word",
+    "domains": "domain names (.domain: its subdomains) or absolute paths of files of them",
+    "rule": "allow, deny or noto, then CLIENT SENDER RECIPIENT patterns",
 }
 
 

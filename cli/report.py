@@ -154,12 +154,24 @@ _simple(
     reports.DEFAULT_TOP,
     "STARTTLS sessions by TLS version and cipher, and their share of connections.",
 )
-_simple(
-    "refused",
-    reports.refused,
-    reports.DEFAULT_TOP,
-    "Refused commands, VRFY/EXPN probes and timeouts by client and reply code.",
+
+
+@report_group.command("refused")
+@window_options(reports.DEFAULT_TOP)
+@click.option(
+    "--by",
+    type=click.Choice(["client", "rule"]),
+    default="client",
+    show_default=True,
+    help="client: refusals, probes and timeouts by client and reply code; rule: "
+    "refusals by the access-policy rule (file:line) or built-in check that made them",
 )
+@pass_state
+def refused_cmd(state: State, /, by: str, **opts: Any) -> None:
+    """Refused commands, VRFY/EXPN probes and timeouts by client and reply code, or
+    refusals by the rule that refused them (--by rule)."""
+    build = reports.refused_by_rule if by == "rule" else reports.refused
+    run_report(state, build, opts)
 
 
 @report_group.command("latency")

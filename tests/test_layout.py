@@ -119,7 +119,13 @@ def test_migrations_are_found_outside_the_source_tree(tmp_path: Path) -> None:
 LAYERS: dict[str, tuple[str, ...]] = {
     "smapq.smtp": ("smapq.smtp",),
     "smapq.config": ("smapq.config", "smapq.errors"),
-    "smapq.intake": ("smapq.intake", "smapq.smtp", "smapq.errors", "smapq.store.ids"),
+    "smapq.intake": (
+        "smapq.intake",
+        "smapq.smtp",
+        "smapq.errors",
+        "smapq.store.ids",
+        "smapq.config.policy",  # the compiled access policy: pure data, stdlib only
+    ),
     "smapq.receive": (
         "smapq.receive",
         "smapq.intake",

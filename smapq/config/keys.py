@@ -8,7 +8,9 @@ FWTK keywords keep their meaning (smap: userid groupid directory timeout maxbyte
 maxrecip; smapd: userid groupid directory sendmail baddir wakeup maxchildren executable).
 Where FWTK had no limit (timeout, maxbytes, maxrecip) smapq has a safe default, because
 an unbounded body is held in memory and stored as one row; each is still settable.
-Every keyword takes exactly one argument, as in FWTK.
+Every keyword takes exactly one argument, as in FWTK, except the access policy's
+``domains`` (names and files) and ``rule`` (four words), whose every line counts
+(``multi``): see smapq.config.policy.
 
 Lean: imported by the inetd receiver; stdlib only.
 """
@@ -39,7 +41,7 @@ _HOST_CHARS = frozenset("abcdefghijklmnopqrstuvwxyzABCDEFGHIJKLMNOPQRSTUVWXYZ012
 class Key:
     """One keyword: who reads it, how its argument is parsed, default and bounds."""
 
-    __slots__ = ("attr", "default", "doc", "hi", "kind", "lo", "name", "programs")
+    __slots__ = ("attr", "default", "doc", "hi", "kind", "lo", "multi", "name", "programs")
 
     def __init__(
         self,
@@ -50,6 +52,7 @@ class Key:
         doc: str,
         lo: int | None = None,
         hi: int | None = None,
+        multi: bool = False,
     ) -> None:
         self.name = name
         self.attr = name
@@ -59,6 +62,10 @@ class Key:
         self.doc = doc
         self.lo = lo
         self.hi = hi
+        # Every line counts, in table order (domain lists, access rules), instead of
+        # FWTK's first-line-wins; the value is the lines' arguments, checked by
+        # smapq.config.policy.
+        self.multi = multi
 
     def parse(self, rule: Rule) -> object:
         """The typed value of ``rule``'s argument, or a ``ConfigError`` naming the line."""
@@ -296,6 +303,32 @@ KEYS: tuple[Key, ...] = (
         "path",
         None,
         "PEM private key for STARTTLS, read as root before the jail; mode 0600 or 0400",
+    ),
+    # --- the access policy (smapq.config.policy, docs/policy.md) ----------------------
+    Key(
+        "domains",
+        (SMAP,),
+        "domains",
+        None,
+        "accept RCPT only for these domains (.example.com: its subdomains) or the "
+        "domains listed in these files; others get 550 5.7.1; every line adds",
+        multi=True,
+    ),
+    Key(
+        "recipients",
+        (SMAP,),
+        "path",
+        None,
+        "file of valid recipients of the domains (local parts or addresses); others get 550 5.1.1",
+    ),
+    Key(
+        "rule",
+        (SMAP,),
+        "rule",
+        None,
+        "allow|deny|noto CLIENT SENDER RECIPIENT: Obtuse check_rules, first match wins, "
+        "checked at RCPT; every line adds, in table order",
+        multi=True,
     ),
     Key("jail", (SMAP,), "bool", True, "chroot into directory; 'off' only where root is absent"),
     Key("maxerrors", (SMAP,), "int", 10, "bad commands before 421 and close", lo=1, hi=1000),

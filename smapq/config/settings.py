@@ -24,6 +24,8 @@ TYPE_CHECKING = False
 if TYPE_CHECKING:
     from collections.abc import Iterable
 
+    from smapq.config.policy import Policy
+
 
 class Settings:
     """Every keyword of one program; attribute names are the keywords."""
@@ -37,10 +39,16 @@ class Settings:
 
     def __init__(self, rules: Iterable[Rule]) -> None:
         self.origin: dict[str, str] = {}
+        rules = list(rules)
         chosen = first_rule(rules)
         for key in K.keys_for(self.program):
             rule = chosen.get(key.name)
-            if rule is None:
+            if key.multi:
+                lines = [r for r in rules if r.keyword == key.name]
+                value = tuple(" ".join(r.args) for r in lines) or key.default
+                where = ", ".join(f"{r.path}:{r.line}" for r in lines)
+                self.origin[key.name] = where or "default"
+            elif rule is None:
                 value = key.default
                 self.origin[key.name] = "default"
             else:
@@ -86,9 +94,19 @@ class SmapSettings(Settings):
     clientrate: int
     exemptloopback: bool
     sessiontime: int
+    domains: tuple[str, ...] | None
+    recipients: str | None
+    rule: tuple[str, ...] | None
 
     def __init__(self, rules: Iterable[Rule]) -> None:
+        rules = list(rules)
         super().__init__(rules)
+        self.policy: Policy | None = None
+        if self.domains or self.recipients or self.rule:
+            # Only then: a table without policy keywords pays nothing for them.
+            from smapq.config.policy import build  # noqa: PLC0415
+
+            self.policy = build(rules)
         for name in ("userid", "groupid"):
             if getattr(self, name) == 0:
                 raise ConfigError(
@@ -169,6 +187,12 @@ class Config:
             out.append(boundary)
         if not self.smap.jail:
             out.append("smap: jail off -- the receiver will not chroot")
+        if self.smap.policy is None:
+            out.append(
+                "smap: no domains, recipients or rule: smap accepts mail for any domain from "
+                "any client -- the front door of an open relay if sendmail forwards it "
+                "(docs/policy.md)"
+            )
         d = self.smapd
         if d.delaywarning and not d.bounce:
             out.append("smapd: delaywarning is set but bounce is off: no warning is sent")

@@ -11,7 +11,8 @@ event loop with many sessions).  An ``Intake`` wraps the sans-I/O SMTP session
   ``Submission`` (smapq.intake.port); the transport commits it through a backend and
   calls ``committed(error)``, which answers 250 only for a durable commit and 451/452
   otherwise, then goes on with whatever the client pipelined;
-- refusals at the door (limits) and the ends a transport imposes (idle timeout,
+- refusals at the door (limits, and the access policy of the netperm-table at each
+  RCPT: smapq.intake.policy) and the ends a transport imposes (idle timeout,
   session lifetime, shutdown), each a reply, an event and a log line.
 
 A transport only moves bytes, keeps timers and hands submissions to a backend:
@@ -61,6 +62,7 @@ TYPE_CHECKING = False
 if TYPE_CHECKING:
     from collections.abc import Callable
 
+    from smapq.config.policy import Policy
     from smapq.intake.audit import LogSink
     from smapq.intake.port import StoreError
     from smapq.smtp.session import Envelope
@@ -76,6 +78,7 @@ class Site:
         "maxbytes",
         "maxerrors",
         "maxrecip",
+        "policy",
         "reserve",
         "strict_sync",
         "tls",
@@ -92,6 +95,7 @@ class Site:
         free_space: Callable[[], int | None] | None = None,
         strict_sync: bool = True,
         tls: bool = False,
+        policy: Policy | None = None,
     ) -> None:
         self.hostname = hostname
         self.maxbytes = maxbytes
@@ -102,6 +106,9 @@ class Site:
         self.free_space = free_space
         self.strict_sync = strict_sync
         self.tls = tls  # a certificate is loaded: EHLO offers STARTTLS
+        # The access policy (smapq.config.policy), built once per process start or
+        # reload; None: every recipient from every client, as FWTK smap took them.
+        self.policy = policy
 
 
 def received_header(
@@ -125,10 +132,28 @@ def received_header(
     )
 
 
+def pre_jail_init(policy: Policy | None) -> None:
+    """Load what connections will need before the transport chroots (Postfix's
+    pre_jail_init): the jail holds no Python modules, and a table without a policy
+    pays nothing for the policy's."""
+    if policy is not None:
+        import smapq.intake.policy  # noqa: F401, PLC0415
+
+
 class Intake:
     """One SMTP connection's intake; see the module docstring for the contract."""
 
-    __slots__ = ("_deferred_end", "addr", "audit", "pending", "port", "session", "site")
+    __slots__ = (
+        "_client",
+        "_deferred_end",
+        "_denied",
+        "addr",
+        "audit",
+        "pending",
+        "port",
+        "session",
+        "site",
+    )
 
     def __init__(self, site: Site, addr: str, port: int) -> None:
         self.site = site
@@ -138,8 +163,16 @@ class Intake:
         self.session = Session(
             site.hostname, site.maxbytes, site.maxrecip, site.maxerrors, site.strict_sync
         )
-        if site.free_space is not None:
-            self.session.mail_check = self._space_check
+        self._denied = ""  # the deny rule's detail once one matched
+        self._client: tuple[int, int] | None = None
+        if site.free_space is not None or site.policy is not None:
+            self.session.mail_check = self._mail_check
+        if site.policy is not None:
+            # Loaded by pre_jail_init: a table without a policy pays nothing for it.
+            from smapq.intake.policy import client_of  # noqa: PLC0415
+
+            self._client = client_of(addr)
+            self.session.rcpt_check = self._rcpt_check
         self.session.tls_offered = site.tls
         self.pending: Submission | None = None
         self._deferred_end: tuple[str, bytes] | None = None
@@ -313,9 +346,23 @@ class Intake:
         sub.renew_id()
         return sub
 
-    def _space_check(self) -> tuple[bytes, str] | None:
+    def _rcpt_check(self, sender: str, rcpt: str) -> tuple[bytes, str, bool]:
+        """The access policy's decision on one recipient (smapq.intake.policy)."""
+        from smapq.intake.policy import decide  # noqa: PLC0415 - loaded by __init__
+
+        policy = self.site.policy
+        assert policy is not None
+        reply, detail, deny = decide(policy, self._client, sender, rcpt)
+        if deny:
+            self._denied = detail
+        return reply, detail, deny
+
+    def _mail_check(self) -> tuple[bytes, str] | None:
+        if self._denied:  # a deny rule matched: this session sends nothing more
+            return R.R554_DENIED_SESSION, self._denied + ": session denied"
         site = self.site
-        assert site.free_space is not None
+        if site.free_space is None:
+            return None
         free = site.free_space()
         if free is None or free >= site.reserve:
             return None

@@ -54,7 +54,7 @@ from smapq.config.settings import load
 from smapq.config.tls import server_context
 from smapq.errors import EX_CONFIG, EX_SOFTWARE, EX_TEMPFAIL, EX_USAGE, ConfigError
 from smapq.intake.audit import LOG_CRIT, LOG_ERR, LOG_WARNING
-from smapq.intake.core import Intake, Site
+from smapq.intake.core import Intake, Site, pre_jail_init
 from smapq.intake.port import StoreError
 from smapq.receive import jail
 from smapq.receive.logsink import LogSink, crash_report, sink_or_none
@@ -179,6 +179,7 @@ class InetdReceiver:
                 " (set 'smap: database' to a file name)",
                 R.R421_UNAVAILABLE,
             )
+        pre_jail_init(smap.policy)
         jail.enter(smap.directory, smap.jail, smap.userid, smap.groupid)
         self.store = store = SqliteIntake(smap.database_in_jail)
         site = Site(
@@ -190,7 +191,8 @@ class InetdReceiver:
             sink_or_none(self.log),
             store.free_space,
             smap.strictpipelining,
-            self.tls_ctx is not None,
+            tls=self.tls_ctx is not None,
+            policy=smap.policy,
         )
         self.intake = Intake(site, addr, port)
         self.wait = float(smap.timeout) if smap.timeout > 0 else None

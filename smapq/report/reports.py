@@ -428,6 +428,41 @@ def tls(conn: Connection, w: Window) -> Report:
     return report
 
 
+def rule_of(detail: str | None) -> tuple[str, str]:
+    """(rule, reason) of a refusal's detail: the access policy's ``policy WHERE WHAT``
+    names its table line (smapq.intake.policy); other refusals are the receiver's own
+    checks, shown as rule ``-``."""
+    text = detail or "(no detail)"
+    if text.startswith("policy "):
+        where, _, what = text[7:].partition(" ")
+        return where, what or "no rule matched"
+    return "-", text
+
+
+def refused_by_rule(conn: Connection, w: Window) -> Report:
+    """Refused commands grouped by the rule (or built-in check) that refused them."""
+    from smapq.store import policy_reports  # noqa: PLC0415
+
+    columns = [
+        Column("rule", title="RULE"),
+        Column("code", "int"),
+        Column("count", "int"),
+        Column("clients", "int"),
+        Column("last_seen", "time", "LAST SEEN"),
+        Column("reason", flex=True),
+        Column("address", title="SAMPLE", flex=True),
+    ]
+    report = _report("refused", columns, w)
+    rows = []
+    for detail, code, n, clients, last, addr in policy_reports.refused_by_reason(
+        conn, w.since, w.until, w.top
+    ):
+        rule, reason = rule_of(detail)
+        rows.append((rule, code, int(n), int(clients), last, reason, addr))
+    report.rows = rows
+    return report
+
+
 REPORTS = {
     "summary": summary,
     "senders": senders,

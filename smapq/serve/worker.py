@@ -40,7 +40,7 @@ from smapq.config.settings import load
 from smapq.config.tls import server_context
 from smapq.errors import EX_CONFIG, EX_SOFTWARE, EX_TEMPFAIL, ConfigError
 from smapq.intake.audit import LOG_CRIT, LOG_ERR, LOG_INFO, LOG_WARNING
-from smapq.intake.core import Site
+from smapq.intake.core import Site, pre_jail_init
 from smapq.intake.port import StoreError
 from smapq.receive import jail
 from smapq.receive.logsink import LogSink, crash_report, sink_or_none
@@ -207,7 +207,8 @@ def _site(smap: SmapSettings, log: LogSink, path: str, tls: bool) -> Site:
         sink_or_none(log),
         lambda: free_space(directory),
         smap.strictpipelining,
-        tls,
+        tls=tls,
+        policy=smap.policy,
     )
 
 
@@ -242,6 +243,7 @@ def run_worker(
         # and uses epoll alone; the writer forked later inherits the filter.
         sandbox.confine(hide=not smap.jail)
         loop = new_loop(loop_kind)
+        pre_jail_init(smap.policy)
         jail.enter(smap.directory, smap.jail, smap.userid, smap.groupid)
     except ConfigError as exc:
         log.failure(LOG_ERR, f"fwtkcfgerr: {exc}")

@@ -68,6 +68,13 @@ R501_BAD_RCPT = b"501 5.1.3 Bad recipient address syntax\r\n"
 R501_PATH_TOO_LONG = b"501 5.5.4 Path too long\r\n"  # RFC 5321 4.5.3.1.9 wording
 R553_SENDER_DASH = b"553 5.1.7 Sender address refused: starts with '-'\r\n"
 R553_RCPT_DASH = b"553 5.1.3 Recipient address refused: starts with '-'\r\n"
+# The access policy (smapq.intake.policy), % <recipient> where there is one; RFC 3463:
+# 5.7.1 delivery not authorized (relaying, rules), 5.1.1 bad destination mailbox.
+R550_RELAY_DENIED = b"550 5.7.1 %s: Relay access denied\r\n"
+R550_UNKNOWN_RCPT = b"550 5.1.1 %s: Recipient address rejected: user unknown\r\n"
+R550_NOTO = b"550 5.7.1 %s: Recipient address rejected: access denied\r\n"
+R554_DENIED = b"554 5.7.1 %s: Access denied\r\n"
+R554_DENIED_SESSION = b"554 5.7.1 Access denied\r\n"  # MAIL after a deny rule matched
 R553_NEED_SMTPUTF8 = b"553 5.6.7 Non-ASCII address requires MAIL FROM SMTPUTF8\r\n"
 R555_PARAM = b"555 5.5.4 Unsupported MAIL/RCPT parameter\r\n"
 

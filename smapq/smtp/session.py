@@ -14,9 +14,10 @@ an error later in the session cannot touch an accepted message: the session hold
 no reference to it any more.
 
 The session appends audit events to ``events`` as tuples (kind, detail, address,
-code): kinds are connect, helo (detail = verb and name), mail, rcpt, reject (detail =
-reason), accept (detail = queue id), vrfy, expn, timeout, disconnect, tls (detail =
-"VERSION CIPHER" with code 220 after a handshake, "handshake failed: ..." with 0).  ``address`` is
+code): kinds are connect, helo (detail = verb and name), mail, rcpt (detail = the
+driver's access decision, if it made one), reject (detail = reason), accept (detail =
+queue id), vrfy, expn, timeout, disconnect, tls (detail = "VERSION CIPHER" with code
+220 after a handshake, "handshake failed: ..." with 0).  ``address`` is
 the mailbox the event is about, as it would be stored (brackets and source route
 removed): the sender for mail/accept and for refusals of MAIL, its parameters or the
 message data; the recipient for rcpt and refusals of RCPT; ``"<>"`` for the null
@@ -168,6 +169,7 @@ class Session:
         "max_bytes",
         "max_recipients",
         "pending",
+        "rcpt_check",
         "strict_sync",
         "tls",
         "tls_offered",
@@ -190,9 +192,14 @@ class Session:
         self.strict_sync = strict_sync
         self.events: list[Event] = []
         self.pending: Envelope | None = None
-        # The driver's check before a sender is accepted (free spool space): a refusal
-        # (reply, reason) or None.  Not the client's fault, so not an error.
+        # The driver's check before a sender is accepted (free spool space, a session
+        # the access policy denied): a refusal (reply, reason) or None.
         self.mail_check: Callable[[], tuple[bytes, str] | None] | None = None
+        # The driver's access decision on each recipient, given (sender, recipient):
+        # (reply, detail, deny); reply b"" accepts it, ``detail`` goes into the event;
+        # a refusal counts as an error (dictionary attacks end at maxerrors) and
+        # ``deny`` also drops the transaction.
+        self.rcpt_check: Callable[[str, str], tuple[bytes, str, bool]] | None = None
         self._buf = bytearray()
         self._pos = 0
         self._state = _CMD
@@ -493,7 +500,12 @@ class Session:
         if self.mail_check is not None:
             refusal = self.mail_check()
             if refusal is not None:
-                self._reject(refusal[0], refusal[1], shown)
+                # 4xx (spool space) is our trouble; 5xx (a session the access policy
+                # denied) is the client's, and counts, so a MAIL loop ends at the limit.
+                if refusal[0][:1] == b"5":
+                    self._error(refusal[0], refusal[1], shown)
+                else:
+                    self._reject(refusal[0], refusal[1], shown)
                 return
         self._sender = mailbox.decode("utf-8")
         self._params = params
@@ -575,8 +587,17 @@ class Session:
             if self._overshoot > limits.RECIPIENT_OVERSHOOT:
                 self._count_error()
             return
+        detail = ""
+        if self.rcpt_check is not None:
+            assert self._sender is not None
+            refusal, detail, deny = self.rcpt_check(self._sender, rcpt)
+            if refusal:
+                if deny:
+                    self._reset()
+                self._error(refusal, detail, rcpt)
+                return
         self._rcpts.append(rcpt)
-        self.events.append(("rcpt", "", rcpt, 250))
+        self.events.append(("rcpt", detail, rcpt, 250))
         self._reply(R.R250_RCPT_OK % (b"<" + mailbox + b">"))
 
     def smtp_DATA(self, arg: bytes) -> None:
