@@ -13,6 +13,7 @@ from __future__ import annotations
 import itertools
 import os
 import re
+import socket
 import subprocess
 import time
 from collections.abc import Callable, Iterator
@@ -138,6 +139,47 @@ def test_mail_is_stored_byte_exact_with_the_events_sqlite_has(
     kinds = [r[0] for r in pg_rows]
     assert kinds[0] == "connect" and kinds[-1] == "disconnect"
     assert [r[2] for r in pg_rows if r[0] == "accept"] == ids
+
+
+@pytest.mark.parametrize("kind", TRANSPORTS)
+def test_250_comes_only_after_the_commit(
+    rig_factory: Callable[..., Rig], open_dir: Path, pg_url: str, kind: str
+) -> None:
+    """A lock holds the intake's INSERT: no reply until the commit is through."""
+    rig = rig_factory(kind=kind, spool=pg_spool(open_dir / "pg", pg_url))
+    dbname = pg_url.rsplit("/", 1)[1]
+    c = rig.client()
+    assert c.cmd(b"EHLO client.example").startswith(b"250-")
+    with psycopg.connect(libpq_url(pg_url)) as blocker:
+        blocker.execute("LOCK TABLE messages IN SHARE ROW EXCLUSIVE MODE")  # stops INSERTs
+        assert c.cmd(b"MAIL FROM:<a@b.c>").startswith(b"250")
+        assert c.cmd(b"RCPT TO:<r@e.f>").startswith(b"250")
+        assert c.cmd(b"DATA") == R.R354_DATA
+        c.send(BODY + b".\r\n")
+
+        def waiting() -> bool:
+            return bool(
+                query(
+                    pg_url,
+                    "SELECT 1 FROM pg_stat_activity WHERE datname = %s"
+                    " AND application_name = 'smap' AND wait_event_type = 'Lock'",
+                    dbname,
+                )
+            )
+
+        wait_until(waiting, 120, "the intake's INSERT never waited for the lock")
+        c.sock.setblocking(False)
+        try:
+            early = c.sock.recv(100, socket.MSG_PEEK)
+        except BlockingIOError:
+            early = b""
+        c.sock.setblocking(True)
+        assert early == b"", early  # nothing said yet: no 250 before the commit
+        assert query(pg_url, "SELECT count(*) FROM messages") == [(0,)]
+        blocker.rollback()
+    qid = queue_id(c.reply())
+    assert query(pg_url, "SELECT queue_id FROM messages") == [(qid,)]
+    assert c.cmd(b"QUIT") == R.R221_BYE
 
 
 def test_no_server_at_start_is_421_and_logged(open_dir: Path) -> None:
