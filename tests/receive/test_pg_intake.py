@@ -24,7 +24,7 @@ import pytest
 
 from smapq.smtp import replies as R
 from smapq.store.intake_postgresql import libpq_url
-from tests.conftest import Spool, make_spool, program
+from tests.conftest import Spool, make_spool, program, root_only
 from tests.pgdb import create_schema
 from tests.pgprivate import PrivateServer, available
 from tests.receive.conftest import ROOT, TRANSPORTS, Rig
@@ -312,3 +312,58 @@ def test_serve_writer_survives_a_server_restart_between_sessions(
     second = session(rig)  # the writer notices at the first statement and reconnects
     assert rig.server.children(running=True) == workers  # no worker was replaced
     assert [r[0] for r in stored(private_url)] == [*first, *second]
+
+
+JAILED_RECONNECT = """
+import os, sys
+from smapq.intake.port import Submission
+from smapq.store.intake_postgresql import PostgresIntake
+store = PostgresIntake(sys.argv[1])  # as root, before the jail: reads PGPASSFILE
+del os.environ["PGPASSFILE"]
+os.chroot(sys.argv[2]); os.chdir("/"); os.setgroups([]); os.setgid(65534); os.setuid(65534)
+store.close()  # as if the server had dropped us: the next batch connects in the jail
+row = {"at": 1.0, "kind": "connect", "session_id": "S", "queue_id": None,
+       "client_addr": None, "address": None, "code": None, "detail": None}
+print(store.accept([Submission(None, (), [row])]))
+"""
+
+
+@root_only
+def test_a_passfile_password_serves_reconnects_inside_the_jail(
+    private: PrivateServer, private_url: str, open_dir: Path
+) -> None:
+    """No password in the netperm-table: libpq's passfile is read before the jail, and
+    a reconnect from inside the (empty) jail still authenticates."""
+    dbname = private_url.rsplit("/", 1)[1]
+    create_schema(private_url)
+    role = f"smap_pw_{os.getpid()}"
+    private.sql(f"CREATE ROLE {role} LOGIN PASSWORD 'pw-{role}'")
+    private.sql(f"GRANT INSERT ON events TO {role}", dbname)
+    private.sql(f"GRANT USAGE ON SEQUENCE events_id_seq TO {role}", dbname)
+    private.hba(f"host all {role} 127.0.0.1/32 scram-sha-256")
+    passfile = open_dir / "pgpass"
+    passfile.write_text(f"127.0.0.1:{private.port}:*:{role}:pw-{role}\n")
+    passfile.chmod(0o600)
+    jail = open_dir / "jail"
+    jail.mkdir(mode=0o755)
+    url = private_url.replace("://postgres@", f"://{role}@")
+    done = subprocess.run(
+        [
+            os.path.join(os.path.dirname(program("smap")), "python"),
+            "-c",
+            JAILED_RECONNECT,
+            url,
+            str(jail),
+        ],
+        capture_output=True,
+        text=True,
+        timeout=120,
+        env={"PGPASSFILE": str(passfile), "PATH": "/usr/bin:/bin"},
+        check=False,
+    )
+    assert done.returncode == 0, done.stderr
+    assert done.stdout.strip() == "[None]"
+    assert query(private_url, "SELECT kind FROM events") == [("connect",)]
+    # and without the passfile there is no way in (so the test above needed it)
+    with pytest.raises(psycopg.OperationalError):
+        psycopg.connect(libpq_url(url)).close()
