@@ -212,6 +212,19 @@ def test_the_receiver_needs_no_select(
             conn.execute(f"DROP ROLE {role}")  # type: ignore[arg-type]
 
 
+def test_with_the_jail_off_a_unix_socket_url_works(
+    rig_factory: Callable[..., Rig], open_dir: Path, pg_url: str
+) -> None:
+    if not os.path.exists("/var/run/postgresql/.s.PGSQL.5432"):
+        pytest.skip("the server has no Unix socket in /var/run/postgresql")
+    spool = pg_spool(open_dir / "pg", pg_url, "smap: jail off\n")
+    dbname = pg_url.rsplit("/", 1)[1]
+    url = f"postgresql+psycopg://postgres@/{dbname}?host=/var/run/postgresql"
+    spool.table.write_text(spool.table.read_text().replace(pg_url, url))
+    ids = session(rig_factory(kind="inetd", spool=spool))
+    assert [r[0] for r in query(pg_url, "SELECT queue_id FROM messages")] == ids
+
+
 def unreachable(root: Path, url: str, extra: str = "") -> Spool:
     """A spool whose table names ``url`` (no server there: init could not have run)."""
     spool = make_spool(root, extra, user="nobody" if ROOT else None)
