@@ -20,6 +20,10 @@ class Dialect:
     """The interface; see ``sqlite.SqliteDialect`` and ``postgresql.PostgresDialect``."""
 
     name = ""
+    # One snapshot per write transaction (SQLite: writers are serialised, nothing
+    # commits between two statements of ours); False where each statement sees the
+    # commits made since the one before (PostgreSQL's READ COMMITTED).
+    stable_writes = True
 
     def make_engine(self, database: str, readonly: bool, busy_ms: int, create: bool) -> Engine:
         """An engine for ``database`` (a path or URL), writers or read-only."""
