@@ -67,6 +67,11 @@ class Dialect:
         order), ``hint``/``id_hint``/``addr_hint`` (index choice), or plain joins."""
         raise NotImplementedError
 
+    def unordered(self, col: Any) -> Any:
+        """``col`` to ORDER BY when the planner should not walk an index for its order
+        (the rows wanted are few and clustered at one end of it)."""
+        raise NotImplementedError
+
     def table_scan(self, stmt: Any, table: Any) -> Any:
         """``stmt`` reading ``table`` itself rather than through an index."""
         raise NotImplementedError

@@ -105,6 +105,10 @@ class PostgresDialect(Dialect):
     def join_hints(self) -> dict[str, str]:
         return {"cross": "JOIN", "hint": "", "id_hint": "", "addr_hint": "", "bytes_hint": ""}
 
+    def unordered(self, col: Any) -> Any:
+        # An expression, not the column: no index provides its order.
+        return col + 0
+
     def table_scan(self, stmt: Any, table: Any) -> Any:
         return stmt
 
