@@ -60,6 +60,7 @@ def _read_only_txn(conn: Connection) -> Iterator[None]:
 class PostgresDialect(Dialect):
     name = "postgresql"
     stable_writes = False
+    ordered_set_aggregates = True
 
     def make_engine(self, database: str, readonly: bool, busy_ms: int, create: bool) -> Engine:
         # busy_ms and create mean nothing here: rows, not the database, are locked,
