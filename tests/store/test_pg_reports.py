@@ -83,6 +83,9 @@ def test_queue_verbs_on_postgresql(pg_filled: Filled) -> None:
 def test_report_sql_reads(pg_filled: Filled) -> None:
     doc = pg_filled.json("report", "sql", "SELECT queue_id, size FROM messages ORDER BY id")
     assert [r["queue_id"] for r in doc["rows"]][:2] == ["M1", "M2"]
+    # A % in the text is the operator's, not a driver placeholder.
+    like = "SELECT count(*) AS n FROM messages WHERE mail_from LIKE '%@a.example'"
+    assert pg_filled.json("report", "sql", like)["rows"] == [{"n": 3}]
 
 
 @pytest.mark.parametrize(

@@ -605,7 +605,9 @@ def run_sql(conn: Connection, sql: str) -> tuple[list[str], Iterable[Sequence[An
 
     Returns the column names and the streamed rows (no names: it returns no rows).
     """
-    result = conn.execution_options(stream_results=True).exec_driver_sql(sql)
+    # no_parameters: the text goes to the driver as it is, so a LIKE '%x%' is not
+    # taken for a psycopg placeholder.
+    result = conn.execution_options(stream_results=True, no_parameters=True).exec_driver_sql(sql)
     if not result.returns_rows:
         return [], iter(())
     return list(result.keys()), result
