@@ -6,7 +6,8 @@ root, open the log, import everything, confine itself (smapq.sandbox: no process
 runs can reach another of its uid), chroot into the spool, setgroups([]), drop to
 smap's uid/gid and verify (smapq.receive.jail, the same code) -- then opens the queue
 inside the jail and serves the listening sockets it inherited with an event loop:
-many sessions, one writer process (smapq.serve.writer).
+many sessions, one writer process (smapq.serve.writer).  A PostgreSQL queue is the
+writer's: it is forked before the jail, connects, then jails itself.
 
 Limits: at the door, ``maxsessions`` / ``maxperclient`` / ``clientrate`` (counted for
 the whole server in smapq.serve.anvil; loopback clients skip the per-client ones
@@ -46,14 +47,17 @@ from smapq.receive import jail
 from smapq.receive.logsink import LogSink, crash_report, sink_or_none
 from smapq.serve import anvil as A
 from smapq.serve.connection import LINGER, Connection
-from smapq.serve.writer import ProcessCommitter
+from smapq.serve.writer import ProcessCommitter, sqlite_opener
 from smapq.smtp import replies as R
+from smapq.store import intake_open
 from smapq.store.intake_sqlite import free_space
 
 if TYPE_CHECKING:
+    from collections.abc import Callable
     from ssl import SSLContext
 
     from smapq.config.settings import SmapSettings
+    from smapq.intake.port import IntakeStore
 
 SWEEP = 1.0  # seconds between timer checks
 BACKLOG = 1024
@@ -196,6 +200,22 @@ def _loop_error(worker: Worker, context: dict[str, object]) -> None:
     worker.log(LOG_CRIT, text)
 
 
+def _server_opener(smap: SmapSettings) -> Callable[[], tuple[IntakeStore, None]]:
+    """The writer's store for a database server: connect as root, then jail."""
+
+    def open_store() -> tuple[IntakeStore, None]:
+        store = intake_open.before_jail(smap)
+        assert store is not None
+        try:
+            jail.enter(smap.directory, smap.jail, smap.userid, smap.groupid)
+        except BaseException:
+            store.close()
+            raise
+        return store, None
+
+    return open_store
+
+
 def _site(smap: SmapSettings, log: LogSink, path: str, tls: bool) -> Site:
     directory = os.path.dirname(path) or "."
     return Site(
@@ -205,7 +225,8 @@ def _site(smap: SmapSettings, log: LogSink, path: str, tls: bool) -> Site:
         smap.maxerrors,
         smap.reserve,
         sink_or_none(log),
-        lambda: free_space(directory),
+        # A database server's disk is its own business: it answers 53100 when full.
+        None if smap.database_is_url else lambda: free_space(directory),
         smap.strictpipelining,
         tls=tls,
         policy=smap.policy,
@@ -233,16 +254,19 @@ def run_worker(
                 log.open_file(smap.logfile)
             except OSError as exc:
                 raise ConfigError(f"cannot open {smap.logfile}: {exc.strerror}") from None
-        if smap.database_is_url:
-            raise StoreError(
-                "smapq serve queues only into an SQLite file for now", R.R421_UNAVAILABLE
-            )
-        # As root, before the jail: the key file need not be readable inside it.
-        tls_ctx = server_context(smap) if smap.tlscert else None
         # Confined before the loop exists: libuv then finds io_uring refused at once
         # and uses epoll alone; the writer forked later inherits the filter.
         sandbox.confine(hide=not smap.jail)
         loop = new_loop(loop_kind)
+        committer = None
+        if smap.database_is_url:  # the writer connects before the jail (writer.py)
+            committer = ProcessCommitter(
+                _server_opener(smap), lambda text: log(LOG_ERR, text), lambda: None
+            )
+            committer.fork(sockets)
+        # As root, before the jail: the key file need not be readable inside it (and
+        # after the writer's fork: the writer never holds the key).
+        tls_ctx = server_context(smap) if smap.tlscert else None
         pre_jail_init(smap.policy)
         jail.enter(smap.directory, smap.jail, smap.userid, smap.groupid)
     except ConfigError as exc:
@@ -257,8 +281,14 @@ def run_worker(
     path = smap.database_in_jail
     worker = Worker(smap, _site(smap, log, path, tls_ctx is not None), log, anvil, slot, grace)
     worker.tls_ctx = tls_ctx
-    worker.writer = ProcessCommitter(path, lambda text: log(LOG_ERR, text), worker.writer_lost)
-    worker.writer.fork(sockets)  # jailed already; before the loop runs
+    if committer is None:
+        committer = ProcessCommitter(
+            sqlite_opener(path), lambda text: log(LOG_ERR, text), worker.writer_lost
+        )
+        committer.fork(sockets)  # jailed already; before the loop runs
+    else:
+        committer.on_lost = worker.writer_lost
+    worker.writer = committer
     if worker.jail_note:
         log(LOG_WARNING, worker.jail_note)
     try:
