@@ -221,22 +221,32 @@ def _check_resumable(src: Connection, pg: psycopg.Connection[Any]) -> None:
         "the target database is not empty and is not an interrupted copy of this queue: "
         "copy into an empty database"
     )
-    t_msgs = pg.execute("SELECT id, queue_id, received_at FROM messages ORDER BY id")
-    high = 0
-    s_msgs = _source_rows(
-        src, select(messages.c.id, messages.c.queue_id, messages.c.received_at).order_by("id")
+    changed = CopyError(
+        "the source changed since the interrupted copy read it (were receivers and "
+        "deliverers stopped?): copy into an empty database"
     )
+    m = messages.c
+    t_msgs = pg.execute(
+        "SELECT id, queue_id, received_at, state, updated_at FROM messages ORDER BY id"
+    )
+    s_msgs = _source_rows(
+        src, select(m.id, m.queue_id, m.received_at, m.state, m.updated_at).order_by(m.id)
+    )
+    high = 0
     for got in t_msgs:
         want = next(s_msgs, None)
-        if want is None or tuple(got) != want:
+        if want is None or tuple(got[:3]) != want[:3]:
             raise refuse
+        # A released lease was changed by the copy itself (see _released).
+        if want[3] != states.DELIVERING and tuple(got[3:]) != want[3:]:
+            raise changed
         high = int(got[0])
     t_rcpts = int(_target_scalar(pg, "SELECT count(*) FROM recipients"))
     s_rcpts = src.execute(
         select(func.count()).select_from(recipients).where(recipients.c.message_id <= high)
     ).scalar_one()
     if t_rcpts != s_rcpts:
-        raise refuse
+        raise changed
     s_max = int(src.execute(select(func.coalesce(func.max(events.c.id), 0))).scalar_one())
     for edge in ("min", "max"):
         row = pg.execute(
