@@ -7,15 +7,16 @@ from ``--url`` or the table's database, copy from ``--to``.
 
 from __future__ import annotations
 
+import os
 import sys
 import time
 
 import click
 from sqlalchemy import Engine
 
-from smapq.errors import SmapqError, UsageError
+from smapq.errors import EX_IOERR, SmapqError, UsageError
 from smapq.report.db import translated
-from smapq.store import grants
+from smapq.store import damage, grants
 from smapq.store.engine import make_engine
 
 from .common import State, echo_lines, pass_state
@@ -71,6 +72,13 @@ def db_grant(state: State, url: str | None, prefix: str, print_sql: bool) -> Non
 @click.command("copy")
 @click.option("--to", "to_url", required=True, metavar="URL", help="the PostgreSQL database")
 @click.option(
+    "--from",
+    "from_file",
+    metavar="FILE",
+    type=click.Path(dir_okay=False),
+    help="the SQLite queue to copy (default: the table's database)",
+)
+@click.option(
     "--chunk",
     type=click.IntRange(1, 100_000),
     default=500,
@@ -79,7 +87,7 @@ def db_grant(state: State, url: str | None, prefix: str, print_sql: bool) -> Non
 )
 @click.option("--quiet", "-q", is_flag=True, help="no progress line, even on a terminal")
 @pass_state
-def db_copy(state: State, to_url: str, chunk: int, quiet: bool) -> None:
+def db_copy(state: State, to_url: str, from_file: str | None, chunk: int, quiet: bool) -> None:
     """Copy the table's SQLite queue into the PostgreSQL database URL.
 
     Stop the receivers and deliverers first. Every message (waiting, held,
@@ -90,7 +98,16 @@ def db_copy(state: State, to_url: str, chunk: int, quiet: bool) -> None:
     """
     from smapq.store import copy  # noqa: PLC0415 (alembic and psycopg: this verb only)
 
-    path = state.database_file()
+    path = from_file or state.database_file()
+    if not os.path.isfile(path):
+        raise SmapqError(f"{path}: no such SQLite queue database")
+    note = damage.note(path)
+    if note is not None:
+        raise SmapqError(
+            f"queue database {path} was found damaged ({note}): run 'smapq db verify' "
+            "and 'smapq db recover' first (docs/recovery.md)",
+            EX_IOERR,
+        )
     target = _server_engine(to_url, "--to")
     source = make_engine(path, readonly=True)
     try:

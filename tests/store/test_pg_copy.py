@@ -238,10 +238,42 @@ def test_copy_errors_are_one_line(source: Spool, pg_url: str, tmp_path: Path) ->
     assert sqlite_target.returncode == 64 and sqlite_target.stderr.count("\n") == 1
     gone = copy(source, pg_url.rsplit("/", 1)[0] + "/smapq_no_such_database")
     assert gone.returncode == 1 and gone.stderr.count("\n") == 1, gone.stderr
+    (source.directory / "smapq.db.damaged").write_text("2026-01-01 smapq db verify: bad page\n")
+    damaged = copy(source, pg_url)
+    assert damaged.returncode == 74 and "damaged" in damaged.stderr
+    assert damaged.stderr.count("\n") == 1, damaged.stderr
+    assert count_pg(pg_url, "messages") == 0
     source.db.unlink()
     missing = copy(source, pg_url)
     assert missing.returncode == 1 and "smapq init" in missing.stderr
     assert missing.stderr.count("\n") == 1
+
+
+def test_from_names_the_queue_when_the_table_already_names_the_server(
+    source: Spool, pg_url: str, tmp_path: Path
+) -> None:
+    table = tmp_path / "pg-table"
+    table.write_text(source.table.read_text() + f"smap, smapd: database {pg_url}\n")
+    table.chmod(0o600)
+    done = subprocess.run(
+        [
+            program("smapq"),
+            "-t",
+            str(table),
+            "db",
+            "copy",
+            "--from",
+            str(source.db),
+            "--to",
+            pg_url,
+        ],
+        capture_output=True,
+        text=True,
+        timeout=120,
+        check=False,
+    )
+    assert done.returncode == 0, done.stderr
+    assert counts_line(done.stdout, "messages") == [60, 60, 60]
 
 
 def test_progress_only_on_a_terminal(source: Spool, pg_url: str) -> None:
