@@ -57,8 +57,11 @@ def db_grant(state: State, url: str | None, prefix: str, print_sql: bool) -> Non
     except ValueError as exc:
         raise UsageError(str(exc)) from None
     if print_sql:
+        click.echo(f"-- smapq db grant --prefix {prefix}: run as the owner of the queue's tables")
+        click.echo("BEGIN;")
         for stmt in grants.statements(prefix):
             click.echo(stmt + ";")
+        click.echo("COMMIT;")
         return
     engine = _server_engine(url or state.config.smap.database, "db grant: the database")
     try:

@@ -292,7 +292,8 @@ def test_report_role_reads_and_cannot_write_even_read_write(roles: Roles, tmp_pa
 def test_grant_sql_is_what_a_dba_runs_with_psql(roles: Roles) -> None:
     out = grant(roles, "--sql")
     assert out.returncode == 0, out.stderr
-    assert "CREATE ROLE" in out.stdout and out.stdout.rstrip().endswith(";")
+    assert "CREATE ROLE" in out.stdout and out.stdout.rstrip().endswith("COMMIT;")
+    assert privileges(roles) == {}  # printed, not run
     psql = subprocess.run(
         ["psql", "-X", "-q", "-v", "ON_ERROR_STOP=1", "-d", libpq(roles.url), "-f", "-"],
         input=out.stdout,
