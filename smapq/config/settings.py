@@ -25,6 +25,16 @@ if TYPE_CHECKING:
     from collections.abc import Iterable
 
 
+def url_has_password(database: str) -> bool:
+    """Whether a database URL spells out a password (user:secret@ or password=)."""
+    if "://" not in database:
+        return False
+    rest = database.split("://", 1)[1]
+    netloc, _, query = rest.partition("?")
+    userinfo = netloc.split("/", 1)[0].rpartition("@")[0]
+    return ":" in userinfo or "password=" in query.lower()
+
+
 class Settings:
     """Every keyword of one program; attribute names are the keywords."""
 
@@ -163,6 +173,17 @@ class Config:
             out.append(boundary)
         if not self.smap.jail:
             out.append("smap: jail off -- the receiver will not chroot")
+        same = self.smap.database == self.smapd.database
+        for who, database in (
+            [("smap, smapd", self.smap.database)]
+            if same
+            else [("smap", self.smap.database), ("smapd", self.smapd.database)]
+        ):
+            if url_has_password(database):
+                out.append(
+                    f"{who}: database URL carries a password: keep it in a passfile or "
+                    "service file instead (docs/postgresql.md)"
+                )
         d = self.smapd
         if d.delaywarning and not d.bounce:
             out.append("smapd: delaywarning is set but bounce is off: no warning is sent")
