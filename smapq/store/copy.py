@@ -123,7 +123,7 @@ class _Copier:
             for t in (messages, recipients, events)
         }
         self.done = dict.fromkeys(self.total, 0)
-        self.released: list[tuple[str, str | None]] = []  # (queue_id, lease_owner)
+        self.released = 0  # leases of delivering rows released by this run
 
     def _progress(self, final: bool = False) -> None:
         m, e = "messages", "events"
@@ -143,6 +143,7 @@ class _Copier:
     def messages(self, after: int) -> int:
         """Copy messages with id > ``after`` (and their recipients); rows copied."""
         names = _columns(messages)
+        i_state, i_size = names.index("state"), names.index("size")
         rows = self._stream(select(messages).where(messages.c.id > after).order_by(messages.c.id))
         self.done["messages"] = self.total["messages"] - int(
             self.src.execute(
@@ -158,15 +159,13 @@ class _Copier:
                 with cur.copy(_copy_sql(messages)) as out:
                     while pending is not None and n < self.chunk and size < CHUNK_BYTES:
                         row = tuple(pending)
-                        if row[names.index("state")] == states.DELIVERING:
+                        if row[i_state] == states.DELIVERING:
                             row = _released(row, names, self.now)
-                            self.released.append(
-                                (row[names.index("queue_id")], row[names.index("lease_owner")])
-                            )
+                            self.released += 1
                         out.write_row(row)
                         after = int(row[0])
                         n += 1
-                        size += int(row[names.index("size")] or 0)
+                        size += int(row[i_size] or 0)
                         pending = next(rows, None)
                 self._recipients(cur, low, after)
             copied += n
@@ -283,7 +282,7 @@ def _set_sequences(pg: psycopg.Connection[Any]) -> None:
 
 
 def _recovered_events(
-    pg: psycopg.Connection[Any], released: list[tuple[str, str | None]], now: float, after: int
+    pg: psycopg.Connection[Any], released: list[str], now: float, after: int
 ) -> int:
     """The ``recovered`` event of every lease this copy released, once (a re-run after
     a kill may have written some already)."""
@@ -294,7 +293,7 @@ def _recovered_events(
             (after, RECOVERED_DETAIL),
         )
     }
-    rows = [(now, "recovered", q, RECOVERED_DETAIL) for q, _owner in released if q not in have]
+    rows = [(now, "recovered", q, RECOVERED_DETAIL) for q in released if q not in have]
     if rows:
         with pg.cursor() as cur:
             cur.executemany(
@@ -388,13 +387,14 @@ def _run(
         )
         for name in ("messages", "recipients", "events")
     ]
-    return CopyResult(counts, resumed, len(copier.released), made)
+    return CopyResult(counts, resumed, copier.released, made)
 
 
-def _released_in_source(src: Connection) -> list[tuple[str, str | None]]:
+def _released_in_source(src: Connection) -> list[str]:
+    """Queue ids of the source's ``delivering`` rows, whose leases the copy releases."""
     stmt = (
-        select(messages.c.queue_id, messages.c.lease_owner)
+        select(messages.c.queue_id)
         .where(messages.c.state == states.DELIVERING)
         .order_by(messages.c.id)
     )
-    return [(r[0], r[1]) for r in src.execute(stmt)]
+    return [r[0] for r in src.execute(stmt)]

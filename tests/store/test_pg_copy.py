@@ -23,6 +23,8 @@ from typing import Any
 import psycopg
 import pytest
 
+from smapq.store import migrate
+from smapq.store.engine import make_engine
 from smapq.store.schema import events, messages, recipients
 from tests.conftest import Spool, make_spool, program
 from tests.deliver.kit import wait_for
@@ -206,6 +208,28 @@ def test_rerun_of_a_finished_copy_copies_nothing(source: Spool, pg_url: str) -> 
     assert "resumed an interrupted copy" in again.stdout
     assert counts_line(again.stdout, "messages") == [60, 0, 60]
     assert counts_line(again.stdout, "events") == [120, 0, 130]
+
+
+def test_a_target_that_drops_rows_fails_the_count(source: Spool, pg_url: str) -> None:
+    """Rows the target did not keep (here a trigger drops some) exit 1, naming them."""
+    engine = make_engine(pg_url)
+    migrate.upgrade(engine)
+    engine.dispose()
+    with psycopg.connect(libpq(pg_url)) as conn:
+        conn.execute(
+            "CREATE FUNCTION drop_rcpt() RETURNS trigger LANGUAGE plpgsql AS"
+            " $$BEGIN IF NEW.kind = 'rcpt' THEN RETURN NULL; END IF; RETURN NEW; END$$"
+        )
+        conn.execute(
+            "CREATE TRIGGER drop_rcpt BEFORE INSERT ON events"
+            " FOR EACH ROW EXECUTE FUNCTION drop_rcpt()"
+        )
+    done = copy(source, pg_url)
+    assert done.returncode == 1
+    assert counts_line(done.stdout, "events") == [120, 120, 70]
+    assert done.stderr.splitlines()[-1] == (
+        "smapq: db copy: counts differ in the target: events 70 (expected 130)"
+    )
 
 
 def test_a_target_with_other_mail_is_refused(source: Spool, pg_url: str, tmp_path: Path) -> None:

@@ -119,7 +119,9 @@ EXPECTED = {
 }
 
 
-def queue_message(url: str, body: bytes = b"Subject: t\r\n\r\nhi\r\n") -> str:
+def queue_message(
+    url: str, body: bytes = b"Subject: t\r\n\r\nhi\r\n", rcpt: str = "rcpt@example.net"
+) -> str:
     engine = make_engine(url)
     queue_id = new_queue_id()
     message = {
@@ -134,7 +136,7 @@ def queue_message(url: str, body: bytes = b"Subject: t\r\n\r\nhi\r\n") -> str:
         "next_attempt_at": 1.0,
     }
     with engine.begin() as conn:
-        queries.insert_message(conn, message, ["rcpt@example.net"])
+        queries.insert_message(conn, message, [rcpt])
     engine.dispose()
     return queue_id
 
@@ -262,6 +264,45 @@ def test_deliverer_role_runs_smapd(roles: Roles, tmp_path: Path, open_dir: Path)
         conn.execute("LISTEN smapq_queue")
         with pytest.raises(errors.InsufficientPrivilege):
             conn.execute("DROP TABLE events")
+
+
+def test_deliverer_role_bounces_and_runs_retention(
+    roles: Roles, tmp_path: Path, open_dir: Path
+) -> None:
+    """The rest of smapd's statements as the deliverer: a failure's notice to the sender
+    (an INSERT of a new message), retention's UPDATE of old bodies and DELETE of old
+    events."""
+    assert grant(roles).returncode == 0
+    failing = queue_message(roles.url, rcpt="nobody@example.net")
+    with psycopg.connect(libpq(roles.url)) as conn:
+        conn.execute(
+            "UPDATE messages SET state = 'delivered', delivered_at = 1 WHERE queue_id = %s",
+            (queue_message(roles.url),),
+        )
+        conn.execute("INSERT INTO events (at, kind, session_id) VALUES (1, 'connect', 'old')")
+    dlv = roles.login("deliverer")
+    sendmail = open_dir / "sendmail"
+    sendmail.write_text('#!/bin/sh\ncat > /dev/null\ncase "$*" in *nobody@*) exit 67;; esac\n')
+    sendmail.chmod(0o755)
+    url = roles.url.replace("postgres@", dlv + "@", 1)
+    spool = make_spool(
+        tmp_path,
+        extra=f"smapd: sendmail {sendmail}\nsmapd: bounce on\nsmap, smapd: database {url}\n",
+    )
+    done = spool.smapq("deliver", "--once", check=False)
+    assert done.returncode == 1, done.stderr  # 1: something went bad
+    assert "bad=1" in done.stderr and "queue database" not in done.stderr, done.stderr
+    with psycopg.connect(libpq(roles.url)) as conn:
+        states = dict(conn.execute("SELECT queue_id, state FROM messages").fetchall())
+        notices = conn.execute("SELECT count(*) FROM messages WHERE mail_from = ''").fetchone()
+        bodies = conn.execute(
+            "SELECT count(*) FROM messages WHERE delivered_at = 1 AND body IS NULL"
+        ).fetchone()
+        old = conn.execute("SELECT count(*) FROM events WHERE session_id = 'old'").fetchone()
+    assert states[failing] == "bad"
+    assert notices == (1,)
+    assert bodies == (1,)
+    assert old == (0,)
 
 
 def test_report_role_reads_and_cannot_write_even_read_write(roles: Roles, tmp_path: Path) -> None:
