@@ -365,7 +365,9 @@ def test_grant_errors_are_one_line(roles: Roles, tmp_path: Path) -> None:
     assert "smapq_no_such_database" in gone.stderr
 
 
-def test_service_file_names_the_server_and_role(roles: Roles, tmp_path: Path) -> None:
+def test_service_file_names_the_server_and_role(
+    roles: Roles, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
     """No password or host in the netperm-table: ``?service=`` and PGSERVICEFILE."""
     assert grant(roles).returncode == 0
     queue_message(roles.url)
@@ -376,6 +378,7 @@ def test_service_file_names_the_server_and_role(roles: Roles, tmp_path: Path) ->
         tmp_path / "pg_service.conf",
         f"[smapq-report]\nhost={hostname}\nport={port}\ndbname={dbname}\nuser={rep}\n",
     )
+    monkeypatch.setenv("PGSERVICEFILE", str(services))  # smapq init connects too
     spool = make_spool(
         tmp_path, extra="smap, smapd: database postgresql+psycopg:///?service=smapq-report\n"
     )
