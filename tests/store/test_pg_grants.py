@@ -376,13 +376,23 @@ def test_service_file_names_the_server_and_role(
     hostname, port = host.split(":")
     services = write_table(
         tmp_path / "pg_service.conf",
-        f"[smapq-report]\nhost={hostname}\nport={port}\ndbname={dbname}\nuser={rep}\n",
+        f"[smapq-report]\nhost={hostname}\nport={port}\ndbname={dbname}\nuser={rep}\n"
+        f"[smapq-role]\nuser={rep}\n",
     )
     monkeypatch.setenv("PGSERVICEFILE", str(services))  # smapq init connects too
     spool = make_spool(
         tmp_path, extra="smap, smapd: database postgresql+psycopg:///?service=smapq-report\n"
     )
     env = {**os.environ, "PGSERVICEFILE": str(services)}
+    sql = spool.smapq("report", "sql", "SELECT current_user AS who", env=env, check=False)
+    assert sql.returncode == 0, sql.stderr
+    assert rep in sql.stdout
+    # The form a jailed receiver needs: the host in the URL, the role from the service.
+    table = spool.table.read_text().replace(
+        "postgresql+psycopg:///?service=smapq-report",
+        f"postgresql+psycopg://{host}/{dbname}?service=smapq-role",
+    )
+    spool.table.write_text(table)
     sql = spool.smapq("report", "sql", "SELECT current_user AS who", env=env, check=False)
     assert sql.returncode == 0, sql.stderr
     assert rep in sql.stdout
