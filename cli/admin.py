@@ -89,7 +89,7 @@ def _schema_problem(state: State) -> str | None:
 
 @click.group("db", cls=Group)
 def db_group() -> None:
-    """Schema migrations of the queue database."""
+    """The queue database: migrations, checks, repair, PostgreSQL roles, moving a queue."""
 
 
 @db_group.command("upgrade")

@@ -19,6 +19,7 @@ from smapq.errors import EX_SOFTWARE, EX_USAGE, SmapqError
 
 from .admin import check_config_cmd, db_group, init_cmd
 from .common import TABLE_HELP, Group, State
+from .dbops import db_copy, db_grant
 from .deliver import deliver_cmd, smapd_cmd
 from .importspool import import_spool_cmd
 from .queue import queue_group
@@ -38,6 +39,8 @@ def cli(ctx: click.Context, table: str | None) -> None:
 
 cli.add_command(init_cmd)
 cli.add_command(check_config_cmd)
+db_group.add_command(db_grant)
+db_group.add_command(db_copy)
 cli.add_command(db_group)
 cli.add_command(receive_cmd)
 cli.add_command(serve_cmd)

@@ -250,3 +250,18 @@ def test_queries_never_branch_on_the_engine() -> None:
             if path.name == "intake.py" and needle in ('"sqlite"', '"postgresql"'):
                 continue  # receiver_sql(dialect) names the compiler it renders for
             assert needle not in source, (path.relative_to(ROOT).as_posix(), needle)
+
+
+# db grant and db copy (PostgreSQL administration) are store modules the CLI alone
+# reaches: they import only the store and the errors, and no program imports them.
+PG_ADMIN = ("smapq.store.grants", "smapq.store.copy")
+
+
+def test_postgres_admin_modules_are_reached_only_from_the_cli() -> None:
+    for name in PG_ADMIN:
+        path = ROOT / (name.replace(".", "/") + ".py")
+        mine = {m for m in _imports(path) if m.startswith("smapq.")}
+        assert all(_allowed(m, ("smapq.store", "smapq.errors")) for m in mine), (name, mine)
+    for path in sorted((ROOT / "smapq").rglob("*.py")):
+        used = {m for m in _imports(path) if _allowed(m, PG_ADMIN)}
+        assert not used, (path.relative_to(ROOT).as_posix(), used)

@@ -27,6 +27,16 @@ if TYPE_CHECKING:
     from smapq.config.policy import Policy
 
 
+def url_has_password(database: str) -> bool:
+    """Whether a database URL spells out a password (user:secret@ or password=)."""
+    if "://" not in database:
+        return False
+    rest = database.split("://", 1)[1]
+    netloc, _, query = rest.partition("?")
+    userinfo = netloc.split("/", 1)[0].rpartition("@")[0]
+    return ":" in userinfo or "password=" in query.lower()
+
+
 class Settings:
     """Every keyword of one program; attribute names are the keywords."""
 
@@ -193,6 +203,17 @@ class Config:
                 "any client -- the front door of an open relay if sendmail forwards it "
                 "(docs/policy.md)"
             )
+        same = self.smap.database == self.smapd.database
+        for who, database in (
+            [("smap, smapd", self.smap.database)]
+            if same
+            else [("smap", self.smap.database), ("smapd", self.smapd.database)]
+        ):
+            if url_has_password(database):
+                out.append(
+                    f"{who}: database URL carries a password: keep it in a passfile or "
+                    "service file instead (docs/postgresql.md)"
+                )
         d = self.smapd
         if d.delaywarning and not d.bounce:
             out.append("smapd: delaywarning is set but bounce is off: no warning is sent")
