@@ -13,7 +13,7 @@ import pytest
 from smapq.smtp import replies as R
 from tests.receive.conftest import Rig
 
-pytestmark = pytest.mark.integration
+pytestmark = [pytest.mark.integration, pytest.mark.usefixtures("backend")]
 
 STRICT = "smap: exemptloopback off\n"  # the tests' clients are all on loopback
 

@@ -7,7 +7,6 @@ import io
 import random
 import time
 from collections import Counter
-from pathlib import Path
 
 import pytest
 from sqlalchemy import Engine, event
@@ -103,8 +102,8 @@ def test_headers_are_unfolded_and_stop_at_the_body() -> None:
 
 
 @pytest.fixture
-def engine(tmp_path: Path) -> Engine:
-    e = make_engine(str(tmp_path / "q.db"), create=True)
+def engine(database: str) -> Engine:
+    e = make_engine(database, create=True)
     migrate.upgrade(e)
     return e
 
