@@ -48,8 +48,8 @@ import os
 import subprocess
 import sys
 import tempfile
-from collections.abc import Iterator
 import weakref
+from collections.abc import Iterator
 from contextlib import ExitStack
 from pathlib import Path
 from typing import Any
