@@ -162,6 +162,7 @@ def test_claim_compiles_to_skip_locked_on_postgresql() -> None:
     assert "RETURNING" in lite
 
 
+@pytest.mark.sqlite_only("SQLite's change counter; PostgreSQL deliverers LISTEN (test_daemon)")
 def test_data_version_moves_when_another_connection_commits(engine: Engine) -> None:
     with engine.connect() as watch:
         with watch.begin():
