@@ -17,8 +17,10 @@ postgresql+psycopg://...``; on SQLite the spool's file is the database.
 
 Which backends run: ``pytest --backend sqlite|postgresql|both`` (or
 ``SMAPQ_TEST_BACKEND``); the default is both, as in CI.  ``--backend postgresql``
-runs only the tests that are parametrised by backend (the rest have nothing to do
-with the database, or are about the SQLite file, and run under ``sqlite``).
+runs the ``[postgresql]`` halves and the tests of PostgreSQL alone (marked
+``postgres``, or on a ``pg_url`` database); ``--backend sqlite`` runs everything else
+(the ``[sqlite]`` halves, the SQLite-only tests, and those that touch no database), so
+the two runs together are exactly ``both``.
 
 Assertions on the queue go through ``Spool.query`` / ``Spool.scalar`` /
 ``Spool.execute`` (SQLAlchemy ``text()`` with ``:named`` parameters), so the same
@@ -83,14 +85,25 @@ def pytest_generate_tests(metafunc: pytest.Metafunc) -> None:
         metafunc.parametrize("backend", names, indirect=True, ids=names)
 
 
+def needs_postgresql(item: pytest.Item) -> bool:
+    """The ``[postgresql]`` half of a parametrised test, or a test of PostgreSQL alone
+    (marked ``postgres``, or on a ``pg_url`` database)."""
+    callspec = getattr(item, "callspec", None)
+    if callspec is not None and callspec.params.get("backend") == "postgresql":
+        return True
+    names = getattr(item, "fixturenames", ())
+    return item.get_closest_marker("postgres") is not None or "pg_url" in names
+
+
 def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
-    """Under ``--backend postgresql`` only the backend-parametrised tests run."""
-    if "sqlite" in selected_backends(config):
+    """``--backend sqlite`` runs everything that needs no PostgreSQL server;
+    ``--backend postgresql`` runs only what does (the two make ``both``)."""
+    chosen = selected_backends(config)
+    if len(chosen) == len(BACKENDS):
         return
     keep, drop = [], []
     for item in items:
-        callspec = getattr(item, "callspec", None)
-        (keep if callspec is not None and "backend" in callspec.params else drop).append(item)
+        (keep if needs_postgresql(item) == (chosen == ("postgresql",)) else drop).append(item)
     if drop:
         config.hook.pytest_deselected(items=drop)
         items[:] = keep
