@@ -28,20 +28,27 @@ assertion runs on both backends; no test opens the queue with ``sqlite3`` unless
 is about the SQLite file.
 
 SQLite-only tests (not parametrised, so never skipped: they run in every run that
-includes SQLite) -- they are about the SQLite file or SQLite's own machinery, which
-PostgreSQL does not have:
-  - file modes and owners of smapq.db and its -wal/-shm (tests/test_cli_admin.py's
-    init/fix-perms tests, tests/test_machine_checks.py, tests/deliver/test_privilege.py)
-  - a missing or damaged database file, ``db verify``/``db recover``, the .damaged
-    note (tests/test_no_database.py, tests/deliver/test_damaged_db.py)
-  - the write lock and busy handling of SQLite, WAL checkpoints, pragmas
-    (tests/store/test_store.py's pragma/lock tests, tests/receive/test_receive_queue.py,
-    tests/deliver/test_stall.py's lock probe, the corpus's "database locked" test)
-  - a full tmpfs under the spool (tests/deliver/test_full_spool.py): SQLite's full-disk path
-  - the lean receiver's rendered SQLite statements and its stdlib SQLite intake
-    (tests/receive/test_receive_rendered.py, tests/receive/test_receive_queue.py)
-  - spawn-to-banner and the receiver's imports (tests/bench/, tests/test_layout.py)
-  - ATTACH/PRAGMA refusals of ``report sql`` that are SQLite statements
+includes SQLite; grep ``sqlite_only`` for the marked ones, each with its reason) --
+they are about the SQLite file or SQLite's own machinery, which PostgreSQL does not have:
+  - modes and owners of smapq.db and its -wal/-shm: test_cli_admin.py (init repairs
+    modes, init as root), test_machine_checks.py (-wal/-shm, owners, files root makes),
+    security/test_boundary.py's shared-group layout
+  - a missing, damaged or impossible database file: test_no_database.py,
+    deliver/test_damaged_db.py (random bytes in the file, db verify/recover, the
+    .damaged note, a BLOB in a text column), test_once.py's missing file,
+    test_serve_process.py's start-up errors, report "missing database" on SQLite
+  - SQLite's write lock, busy handling, pragmas and change counter: store/test_store.py
+    (pragmas, lock order), deliver/test_claim.py (data_version; PostgreSQL LISTENs),
+    deliver/test_claim_plan.py (EXPLAIN QUERY PLAN)
+  - a full tmpfs under the spool: deliver/test_full_spool.py, receive/test_receive_jail.py's
+    disk-full test (SQLite's full-disk path and minfree on the spool's filesystem)
+  - the lean receiver's stdlib SQLite intake and its rendered statements:
+    receive/test_receive_queue.py, receive/test_receive_rendered.py (PostgreSQL's
+    intake has its own: store/test_intake_postgresql.py, receive/test_pg_intake.py)
+  - ``report sql``'s PRAGMA, ATTACH and VACUUM INTO (SQLite statements)
+Not about the queue database at all (they run once, with the SQLite half): the SMTP
+session, config, layout, man pages, the sandbox's syscall filter, the process-boundary
+attacks of tests/security/test_boundary.py, bench/load.py's counting.
 """
 
 from __future__ import annotations
