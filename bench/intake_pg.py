@@ -35,7 +35,7 @@ from pathlib import Path
 from benchrig import ServeServer, make_spool, tree_cpu
 from intake import SMTP_SOURCE, smtp_source
 
-from tests.pgdb import ADMIN, create_schema, drop_database, sqlalchemy_url
+from tests.pgdb import ADMIN, drop_database, sqlalchemy_url
 
 BACKENDS = ("sqlite", "postgresql")
 _serial = itertools.count()
@@ -77,7 +77,6 @@ def _target(
         spool = make_spool(work)
         return ServeServer(spool, work / "log", serve_args), spool.count, lambda: None
     url = _pg_database(admin)
-    create_schema(sqlalchemy_url(url))
     spool = make_spool(work, f"smap, smapd: database {sqlalchemy_url(url)}")
     server = ServeServer(spool, work / "log", serve_args)
     return server, lambda: _pg_count(url), lambda: drop_database(url)

@@ -45,6 +45,7 @@ receiver never imports this module.
 from __future__ import annotations
 
 import ipaddress
+import os
 import time
 from typing import TYPE_CHECKING
 
@@ -64,7 +65,9 @@ if TYPE_CHECKING:
     Conn = psycopg.Connection[tuple[object, ...]]
     Params = dict[str, str | int | None]
 
-CHANNEL = "smapq_queue"  # the deliverers LISTEN here (smapq.deliver.waker)
+# The deliverers LISTEN here (smapq.store.listen); the same as
+# smapq.store.dialects.postgresql.CHANNEL (a test checks), which imports SQLAlchemy.
+CHANNEL = "smapq_queue"
 STATEMENT_TIMEOUT_MS = 30000
 CONNECT_TIMEOUT = 10
 RECONNECT_PAUSE = 1.0
@@ -177,8 +180,11 @@ class PostgresIntake:
             params: Params = conninfo_to_dict(libpq_url(url))
         except (ValueError, psycopg.Error) as exc:
             raise StoreError(f"bad database URL: {exc}", R.R421_UNAVAILABLE) from None
-        params.setdefault("connect_timeout", str(connect_timeout))
-        params.setdefault("application_name", APPLICATION_NAME)
+        # The environment's PG* variables apply, as for every libpq program.
+        if "PGCONNECT_TIMEOUT" not in os.environ:
+            params.setdefault("connect_timeout", str(connect_timeout))
+        if "PGAPPNAME" not in os.environ:
+            params.setdefault("application_name", APPLICATION_NAME)
         for key, value in _TCP.items():
             params.setdefault(key, value)
         self.params = params

@@ -41,8 +41,7 @@ STORED = BODY.replace(b"\r\n..", b"\r\n.")  # dot-unstuffed
 
 
 def pg_spool(root: Path, url: str, extra: str = "") -> Spool:
-    """A spool whose queue is ``url`` (its tables made from the one MetaData)."""
-    create_schema(url)
+    """A spool whose queue is ``url`` (``smapq init`` makes its tables)."""
     root.mkdir(mode=0o755, exist_ok=True)
     return make_spool(
         root, f"smap, smapd: database {url}\n{extra}", user="nobody" if ROOT else None
@@ -182,14 +181,18 @@ def test_250_comes_only_after_the_commit(
     assert c.cmd(b"QUIT") == R.R221_BYE
 
 
+def unreachable(root: Path, url: str, extra: str = "") -> Spool:
+    """A spool whose table names ``url`` (no server there: init could not have run)."""
+    spool = make_spool(root, extra, user="nobody" if ROOT else None)
+    with spool.table.open("a") as table:
+        table.write(f"smap, smapd: database {url}\n")
+    return spool
+
+
 def test_no_server_at_start_is_421_and_logged(open_dir: Path) -> None:
     url = f"postgresql+psycopg://postgres@127.0.0.1:{free_port()}/smapq"
     log = open_dir / "smap.log"
-    spool = (
-        make_spool(open_dir, f"smap, smapd: database {url}\nsmap: logfile {log}\n", user="nobody")
-        if ROOT
-        else make_spool(open_dir, f"smap, smapd: database {url}\nsmap: logfile {log}\n")
-    )
+    spool = unreachable(open_dir, url, f"smap: logfile {log}\n")
     proc = subprocess.run(
         [program("smap"), "-t", str(spool.table)],
         input=b"QUIT\r\n",
@@ -206,7 +209,7 @@ def test_no_server_at_start_is_421_and_logged(open_dir: Path) -> None:
 
 def test_serve_refuses_to_start_without_its_server(open_dir: Path) -> None:
     url = f"postgresql+psycopg://postgres@127.0.0.1:{free_port()}/smapq"
-    spool = make_spool(open_dir, f"smap, smapd: database {url}\n")
+    spool = unreachable(open_dir, url)
     proc = spool.smapq("serve", "--listen", f"127.0.0.1:{free_port()}", check=False)
     assert proc.returncode == 75
     lines = proc.stderr.strip().splitlines()
