@@ -70,7 +70,6 @@ def test_introspection_pragmas_are_allowed(filled: Filled) -> None:
         # PostgreSQL's ways out of a read-only transaction, or around it.
         "SET TRANSACTION READ WRITE",
         "SET SESSION CHARACTERISTICS AS TRANSACTION READ WRITE",
-        "SELECT set_config('default_transaction_read_only', 'off', false)",
         "SELECT nextval('messages_id_seq')",
         "COPY messages TO '/tmp/smapq-sql-test.csv'",
         "LOCK TABLE messages",
