@@ -25,6 +25,11 @@ def sqlalchemy_url(libpq_url: str) -> str:
     return "postgresql+psycopg://" + libpq_url.split("://", 1)[1]
 
 
+def libpq_url(sqlalchemy_url: str) -> str:
+    """The libpq URL (for psycopg) of a SQLAlchemy ``postgresql+psycopg://`` URL."""
+    return "postgresql://" + sqlalchemy_url.split("://", 1)[1]
+
+
 def create_database() -> str:
     """Create an empty database; return its libpq URL."""
     name = f"smapq_t_{os.getpid()}_{next(_serial)}"

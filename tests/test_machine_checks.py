@@ -19,7 +19,7 @@ from pathlib import Path
 
 import pytest
 
-from tests.conftest import Spool, make_spool, open_dir, program, root_only
+from tests.conftest import Backend, Spool, make_spool, open_dir, program, root_only
 from tests.receive.conftest import Rig
 from tests.receive.superserver import SuperServer
 
@@ -31,9 +31,9 @@ NOBODY = pwd.getpwnam("nobody")
 
 
 @pytest.fixture
-def rig(open_dir: Path) -> Iterator[Rig]:
+def rig(open_dir: Path, backend: Backend) -> Iterator[Rig]:
     sendmail = shutil.which("true") or "/bin/true"
-    spool = make_spool(open_dir, f"smapd: sendmail {sendmail}\n", user="nobody")
+    spool = make_spool(open_dir, f"smapd: sendmail {sendmail}\n", user="nobody", backend=backend)
     server = SuperServer("inetd", [program("smap"), "-t", str(spool.table)], open_dir)
     rig = Rig(spool, server)
     try:
@@ -68,6 +68,7 @@ def test_a_sound_spool_passes(rig: Rig) -> None:
     assert (code, problems) == (0, [])
 
 
+@pytest.mark.sqlite_only("the SQLite file and its -wal/-shm")
 def test_wal_and_shm_left_read_only_are_found_and_repaired(rig: Rig) -> None:
     spool = rig.spool
     assert send(rig).startswith(b"250 ")
@@ -88,6 +89,7 @@ def test_wal_and_shm_left_read_only_are_found_and_repaired(rig: Rig) -> None:
     assert send(rig).startswith(b"250 ")
 
 
+@pytest.mark.sqlite_only("the owner of the SQLite file is one of the problems")
 def test_every_problem_is_one_line(rig: Rig, open_dir: Path) -> None:
     spool = rig.spool
     os.chown(spool.db, 0, 0)
@@ -113,6 +115,7 @@ def test_schema_behind_is_a_problem(rig: Rig) -> None:
     assert any("schema is at nothing" in p and "db upgrade" in p for p in problems), problems
 
 
+@pytest.mark.sqlite_only("the .damaged note of an SQLite file")
 def test_damage_note_is_a_problem_and_reports_refuse(rig: Rig) -> None:
     spool = rig.spool
     Path(f"{spool.db}.damaged").write_text(
@@ -126,6 +129,7 @@ def test_damage_note_is_a_problem_and_reports_refuse(rig: Rig) -> None:
     assert spool.smapq("report", "summary").returncode == 0
 
 
+@pytest.mark.sqlite_only("the SQLite files root's commands create")
 def test_commands_run_as_root_leave_every_queue_file_to_the_queue_owner(rig: Rig) -> None:
     spool = rig.spool
     assert send(rig).startswith(b"250 ")

@@ -19,7 +19,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from sqlalchemy import Engine
+from sqlalchemy import Engine, text
 
 from smapq.store import queries
 from smapq.store.engine import make_engine
@@ -105,7 +105,7 @@ class Queue:
     def __init__(self, spool: Spool, sendmail: str) -> None:
         self.spool = spool
         self.sendmail = sendmail
-        self.engine: Engine = make_engine(str(spool.db))
+        self.engine: Engine = make_engine(spool.target)
 
     def add(
         self,
@@ -152,8 +152,9 @@ class Queue:
     def make_due(self, queue_id: str) -> None:
         """Pretend the retry time has come (instead of waiting minutes)."""
         with self.engine.begin() as conn:
-            conn.exec_driver_sql(
-                "UPDATE messages SET next_attempt_at = 0 WHERE queue_id = ?", (queue_id,)
+            conn.execute(
+                text("UPDATE messages SET next_attempt_at = 0 WHERE queue_id = :q"),
+                {"q": queue_id},
             )
 
     def deliver(self, *args: str, check: bool = False) -> subprocess.CompletedProcess[str]:
@@ -170,6 +171,7 @@ class Queue:
 
 
 def make_queue(root: Path, sendmail: str, extra: str = "", user: str | None = None) -> Queue:
+    """A queue on the running test's backend (see tests/conftest.py)."""
     spool = make_spool(root, extra=f"smapd: sendmail {sendmail}\n{extra}", user=user)
     return Queue(spool, sendmail)
 

@@ -25,7 +25,7 @@ from tests.deliver.kit import Call, Queue, StandIn, make_queue, peek_log, standi
 
 __all__ = ["standin"]
 
-pytestmark = pytest.mark.integration
+pytestmark = [pytest.mark.integration, pytest.mark.usefixtures("backend")]
 
 HOST = "mx.test.example"
 BOUNCE = f"smap: hostname {HOST}\nsmapd: bounce on\n"
@@ -325,6 +325,47 @@ def test_kill_9_inside_the_outcome_transaction_leaves_neither(
     q = make_queue(tmp_path, str(standin.path), BOUNCE + "smapd: wakeup 3600\nsmapd: lease 5\n")
     # A notice insert that takes minutes: the deliverer is caught between the
     # outcome's UPDATE and the COMMIT, with both written to its transaction.
+    slow_notice_insert(q)
+    daemon = q.start_daemon()
+    try:
+        qid = q.add(["exit67@x.example"])
+        wait_for(lambda: [c for c in standin.calls() if c.ended], what="sendmail done")
+        wait_for(lambda: _inside_the_outcome(q, 1.0), what="the outcome transaction open")
+    finally:
+        daemon.kill()
+        daemon.communicate(timeout=60)
+    if q.spool.database:
+        # The server ends the dead client's session (here at once, not at its next
+        # read from the socket), and with it the transaction.
+        sql(
+            q,
+            "SELECT pg_terminate_backend(pid) FROM pg_stat_activity"
+            " WHERE datname = current_database() AND wait_event = 'PgSleep'",
+        )
+        wait_for(lambda: not _inside_the_outcome(q, 0.0), what="the session ended")
+    assert q.row(qid).state == "delivering"
+    assert "bad" not in q.events(qid) and notices(q) == []
+
+    sql(q, "DROP TRIGGER slow_notice" + (" ON messages" if q.spool.database else ""))
+    sql(q, "UPDATE messages SET lease_expires_at = 0")  # no wait
+    assert q.deliver().returncode == 1
+    assert q.row(qid).state == "bad"
+    assert len(notices(q)) == 1
+    assert q.events(qid) == ["claim", "recovered", "claim", "bad", "bounced", "exported"]
+    assert len(standin.calls()) == 2  # at-least-once: sendmail ran again
+
+
+def slow_notice_insert(q: Queue) -> None:
+    """A trigger that makes inserting a notice (a message from <>) take minutes."""
+    if q.spool.database:
+        sql(
+            q,
+            "CREATE FUNCTION slow_notice() RETURNS trigger LANGUAGE plpgsql AS"
+            " 'BEGIN PERFORM pg_sleep(600); RETURN NEW; END'",
+            "CREATE TRIGGER slow_notice AFTER INSERT ON messages FOR EACH ROW"
+            " WHEN (NEW.mail_from = '') EXECUTE FUNCTION slow_notice()",
+        )
+        return
     sql(
         q,
         "CREATE TABLE slow (x INTEGER)",
@@ -333,29 +374,25 @@ def test_kill_9_inside_the_outcome_transaction_leaves_neither(
         "CREATE TRIGGER slow_notice AFTER INSERT ON messages WHEN NEW.mail_from = '' "
         "BEGIN SELECT count(*) FROM slow a, slow b, slow c; END",
     )
-    daemon = q.start_daemon()
-    try:
-        qid = q.add(["exit67@x.example"])
-        wait_for(lambda: [c for c in standin.calls() if c.ended], what="sendmail done")
-        wait_for(lambda: _write_locked(q, 1.0), what="the outcome transaction open")
-    finally:
-        daemon.kill()
-        daemon.communicate(timeout=60)
-    assert q.row(qid).state == "delivering"
-    assert "bad" not in q.events(qid) and notices(q) == []
-
-    sql(q, "DROP TRIGGER slow_notice", "UPDATE messages SET lease_expires_at = 0")  # no wait
-    assert q.deliver().returncode == 1
-    assert q.row(qid).state == "bad"
-    assert len(notices(q)) == 1
-    assert q.events(qid) == ["claim", "recovered", "claim", "bad", "bounced", "exported"]
-    assert len(standin.calls()) == 2  # at-least-once: sendmail ran again
 
 
 def sql(q: Queue, *statements: str) -> None:
     with q.engine.begin() as conn:
         for statement in statements:
             conn.exec_driver_sql(statement)
+
+
+def _inside_the_outcome(q: Queue, seconds: float) -> bool:
+    """Whether a deliverer's transaction is held open (for ``seconds``, on SQLite) --
+    on PostgreSQL: a session is sleeping in the slow trigger."""
+    if q.spool.database:
+        return bool(
+            q.spool.scalar(
+                "SELECT count(*) FROM pg_stat_activity"
+                " WHERE datname = current_database() AND wait_event = 'PgSleep'"
+            )
+        )
+    return _write_locked(q, seconds)
 
 
 def _write_locked(q: Queue, seconds: float) -> bool:

@@ -14,7 +14,7 @@ from tests.deliver.kit import StandIn, make_queue, peek_log, standin, stop, wait
 
 __all__ = ["standin"]
 
-pytestmark = [pytest.mark.integration, pytest.mark.slow]
+pytestmark = [pytest.mark.integration, pytest.mark.slow, pytest.mark.usefixtures("backend")]
 
 # wakeup 3600: a message picked up within the test's lifetime was noticed by change
 # detection, not by the periodic scan.

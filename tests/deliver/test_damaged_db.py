@@ -125,13 +125,13 @@ def _damaged_body(q: Queue, qid: str) -> bool:
     return row is not None and row.state in ("held", "bad") and "damaged" in row.last_result
 
 
+@pytest.mark.usefixtures("backend")  # a damaged page, or a bad disk under PostgreSQL
 def test_a_body_that_fails_its_checksum_is_not_sent(tmp_path: Path, standin: StandIn) -> None:
     q = make_queue(tmp_path, str(standin.path))
     good, bad = q.add(["good@x.example"]), q.add(["bad@x.example"], body=b"the real body\n")
-    with q.engine.begin() as conn:  # what a damaged page does to a body
-        conn.exec_driver_sql(
-            "UPDATE messages SET body = ? WHERE queue_id = ?", (b"the reaX body\n", bad)
-        )
+    q.spool.execute(  # what a damaged page does to a body
+        "UPDATE messages SET body = :body WHERE queue_id = :qid", body=b"the reaX body\n", qid=bad
+    )
     proc = q.deliver()
     one_line_or_none(proc)
     assert proc.returncode == 1, proc.stderr  # something went bad

@@ -23,7 +23,7 @@ from tests.deliver.kit import Queue, StandIn, make_queue, standin
 
 __all__ = ["standin"]
 
-pytestmark = pytest.mark.integration
+pytestmark = [pytest.mark.integration, pytest.mark.usefixtures("backend")]
 
 DAY = 86400.0
 LIFE = 5 * DAY  # the default maxqueuetime
@@ -38,11 +38,13 @@ def hold_and_release(q: Queue, qid: str, held_from: float, held_until: float) ->
     """``smapq queue hold`` then ``release``, dated back to [held_from, held_until)."""
     assert q.spool.smapq("queue", "hold", qid).returncode == 0
     assert q.spool.smapq("queue", "release", qid).returncode == 0
-    with q.engine.begin() as conn:
-        for kind, at in (("held", held_from), ("released", held_until)):
-            conn.exec_driver_sql(
-                "UPDATE events SET at = ? WHERE queue_id = ? AND kind = ?", (at, qid, kind)
-            )
+    for kind, at in (("held", held_from), ("released", held_until)):
+        q.spool.execute(
+            "UPDATE events SET at = :at WHERE queue_id = :qid AND kind = :kind",
+            at=at,
+            qid=qid,
+            kind=kind,
+        )
 
 
 def test_a_message_held_past_maxqueuetime_is_deferred_not_bad(q: Queue) -> None:
@@ -86,11 +88,12 @@ def test_several_holds_add_up(q: Queue) -> None:
     # A second hold, ended by requeue (which also takes a message out of hold).
     assert q.spool.smapq("queue", "hold", qid).returncode == 0
     assert q.spool.smapq("queue", "requeue", qid).returncode == 0
-    with q.engine.begin() as conn:
-        conn.exec_driver_sql(
-            "UPDATE events SET at = ? WHERE queue_id = ? AND kind = 'held' AND at > ?",
-            (now - 3 * DAY, qid, now - DAY),
-        )
+    q.spool.execute(
+        "UPDATE events SET at = :at WHERE queue_id = :qid AND kind = 'held' AND at > :after",
+        at=now - 3 * DAY,
+        qid=qid,
+        after=now - DAY,
+    )
     # 7 days old, 1 + 3 held: 3 days waiting.
     assert q.deliver().returncode == EX_TEMPFAIL
     assert q.row(qid).state == "received"

@@ -7,6 +7,8 @@ import socket
 import subprocess
 from pathlib import Path
 
+import pytest
+
 from smapq.deliver import log
 from tests.conftest import program
 from tests.deliver.kit import StandIn, make_queue, standin
@@ -39,6 +41,7 @@ def test_no_dev_log_means_stderr_only(tmp_path: Path) -> None:
         logger.handlers.clear()
 
 
+@pytest.mark.usefixtures("backend")
 def test_smapd_accepts_the_table_option(tmp_path: Path, standin: StandIn) -> None:
     q = make_queue(tmp_path, str(standin.path))
     qid = q.add(["a@x.example"])

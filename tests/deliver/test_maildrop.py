@@ -58,6 +58,7 @@ def test_unwritable_maildir_exits_with_a_sysexit(tmp_path: Path) -> None:
     assert b"smapq-maildrop:" in proc.stderr
 
 
+@pytest.mark.usefixtures("backend")
 def test_smapd_delivers_into_a_maildir(tmp_path: Path) -> None:
     q = make_queue(tmp_path, program("smapq-maildrop"))
     trace = "Received: from c by mx\n"

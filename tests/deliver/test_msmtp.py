@@ -20,6 +20,7 @@ MSMTP = shutil.which("msmtp") or "/usr/bin/msmtp"
 
 pytestmark = [
     pytest.mark.integration,
+    pytest.mark.usefixtures("backend"),
     pytest.mark.skipif(not os.path.exists(MSMTP), reason="msmtp is not installed"),
 ]
 

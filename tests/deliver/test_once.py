@@ -16,7 +16,7 @@ from tests.deliver.kit import Queue, StandIn, make_queue, standin, wait_for
 
 __all__ = ["standin"]
 
-pytestmark = pytest.mark.integration
+pytestmark = [pytest.mark.integration, pytest.mark.usefixtures("backend")]
 
 
 @pytest.fixture
@@ -280,12 +280,11 @@ def test_output_is_captured_and_bounded(tmp_path: Path, standin: StandIn) -> Non
 
 def test_expired_lease_is_recovered_and_delivered(q: Queue, standin: StandIn) -> None:
     qid = q.add(["a@x.example"])
-    with q.engine.begin() as conn:
-        conn.exec_driver_sql(
-            "UPDATE messages SET state='delivering', lease_owner='dead:1:x', "
-            "lease_expires_at=1, lease_token=7 WHERE queue_id=?",
-            (qid,),
-        )
+    q.spool.execute(
+        "UPDATE messages SET state='delivering', lease_owner='dead:1:x', "
+        "lease_expires_at=1, lease_token=7 WHERE queue_id=:qid",
+        qid=qid,
+    )
     assert q.deliver().returncode == 0
     row = q.row(qid)
     assert row.state == "delivered"
@@ -295,8 +294,7 @@ def test_expired_lease_is_recovered_and_delivered(q: Queue, standin: StandIn) ->
 
 def test_held_messages_are_never_claimed(q: Queue, standin: StandIn) -> None:
     qid = q.add(["a@x.example"])
-    with q.engine.begin() as conn:
-        conn.exec_driver_sql("UPDATE messages SET state='held' WHERE queue_id=?", (qid,))
+    q.spool.execute("UPDATE messages SET state='held' WHERE queue_id=:qid", qid=qid)
     assert q.deliver().returncode == 0
     assert standin.calls() == []
     assert q.row(qid).state == "held"
@@ -334,6 +332,7 @@ def test_deliver_needs_a_mode(q: Queue) -> None:
     assert "--once or --daemon" in proc.stderr
 
 
+@pytest.mark.sqlite_only("a missing database file")
 def test_missing_queue_database_is_an_error_not_a_new_file(q: Queue) -> None:
     q.spool.db.unlink()
     for suffix in ("-wal", "-shm"):

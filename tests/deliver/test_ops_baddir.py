@@ -11,7 +11,7 @@ from tests.deliver.kit import Queue, StandIn, make_queue, standin
 
 __all__ = ["standin"]
 
-pytestmark = pytest.mark.integration
+pytestmark = [pytest.mark.integration, pytest.mark.usefixtures("backend")]
 
 
 @pytest.fixture
@@ -59,8 +59,7 @@ def test_a_copy_that_cannot_be_removed_is_reported_not_fatal(q: Queue) -> None:
 
 def test_purge_of_bad_rows_removes_their_copies(q: Queue) -> None:
     qid, files = went_bad(q)
-    with q.engine.begin() as conn:
-        conn.exec_driver_sql("UPDATE messages SET updated_at = 0 WHERE queue_id = ?", (qid,))
+    q.spool.execute("UPDATE messages SET updated_at = 0 WHERE queue_id = :qid", qid=qid)
     out = q.spool.smapq("queue", "purge", "--older-than", "1d", "--bad")
     assert "1 baddir copies removed" in out.stdout
     assert not any(f.exists() for f in files)

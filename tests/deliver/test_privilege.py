@@ -18,7 +18,12 @@ from tests.deliver.kit import StandIn, make_queue, peek_log, standin, stop, wait
 
 __all__ = ["open_dir", "standin"]
 
-pytestmark = [root_only, pytest.mark.privileged, pytest.mark.integration]
+pytestmark = [
+    root_only,
+    pytest.mark.privileged,
+    pytest.mark.integration,
+    pytest.mark.usefixtures("backend"),
+]
 
 
 def test_sendmail_runs_as_smapd_user_without_root_groups(open_dir: Path, standin: StandIn) -> None:

@@ -15,7 +15,7 @@ from tests.deliver.kit import Queue, StandIn, make_queue, standin, stop, wait_fo
 
 __all__ = ["standin"]
 
-pytestmark = pytest.mark.integration
+pytestmark = [pytest.mark.integration, pytest.mark.usefixtures("backend")]
 
 DAY = 86400.0
 
@@ -23,12 +23,12 @@ DAY = 86400.0
 def age(q: Queue, qid: str, days: float) -> None:
     """Pretend a delivered message was delivered ``days`` ago, its events as old."""
     then = time.time() - days * DAY
-    with q.engine.begin() as conn:
-        conn.exec_driver_sql(
-            "UPDATE messages SET delivered_at = ?, received_at = ? WHERE queue_id = ?",
-            (then, then, qid),
-        )
-        conn.exec_driver_sql("UPDATE events SET at = ? WHERE queue_id = ?", (then, qid))
+    q.spool.execute(
+        "UPDATE messages SET delivered_at = :t, received_at = :t WHERE queue_id = :qid",
+        t=then,
+        qid=qid,
+    )
+    q.spool.execute("UPDATE events SET at = :t WHERE queue_id = :qid", t=then, qid=qid)
 
 
 def old_event(q: Queue, qid: str, days: float) -> None:
@@ -54,18 +54,14 @@ def test_once_drops_old_delivered_bodies_and_old_events_only(
     q.deliver()
     old_event(q, waiting, 60)
     old_event(q, None, 60)  # a session event, long past
-    with q.engine.begin() as conn:
-        before = conn.exec_driver_sql("SELECT count(*) FROM events").scalar()
+    before = q.spool.scalar("SELECT count(*) FROM events")
     q.deliver()
     assert body(q, old) is None and q.row(old).state == "delivered"
     assert body(q, recent) is not None
     assert body(q, waiting) is not None
     assert "purged" in q.events(old)
-    with q.engine.begin() as conn:
-        left = conn.exec_driver_sql(
-            "SELECT count(*) FROM events WHERE at < ?", (time.time() - 30 * DAY,)
-        ).scalar()
-        after = conn.exec_driver_sql("SELECT count(*) FROM events").scalar()
+    left = q.spool.scalar("SELECT count(*) FROM events WHERE at < :t", t=time.time() - 30 * DAY)
+    after = q.spool.scalar("SELECT count(*) FROM events")
     assert left == 1  # the waiting message's old event, and nothing else that old
     assert "note" in q.events(waiting)
     assert after < before + 2  # the session event went (+1 purged, +claim/deferred)

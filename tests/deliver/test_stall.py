@@ -25,7 +25,7 @@ from tests.deliver.kit import Queue, StandIn, make_queue, peek_log, standin, sto
 
 __all__ = ["standin"]
 
-pytestmark = [pytest.mark.integration, pytest.mark.slow]
+pytestmark = [pytest.mark.integration, pytest.mark.slow, pytest.mark.usefixtures("backend")]
 
 # The shortest lease the table allows; wakeup 3600 so no periodic scan interferes.
 SHORT = "smapd: lease 5\nsmapd: wakeup 3600\n"
@@ -51,6 +51,13 @@ def start_once(q: Queue) -> subprocess.Popen[str]:
 
 
 def write_lock_free(q: Queue) -> bool:
+    """Whether no other connection is inside a transaction on the queue."""
+    if q.spool.database:
+        busy = q.spool.scalar(
+            "SELECT count(*) FROM pg_stat_activity WHERE datname = current_database() "
+            "AND xact_start IS NOT NULL AND pid <> pg_backend_pid()"
+        )
+        return bool(busy == 0)
     probe = make_engine(str(q.spool.db), busy_ms=0)
     try:
         with probe.begin():  # BEGIN IMMEDIATE: fails at once if a writer holds the lock

@@ -305,6 +305,7 @@ def test_examples_name_the_installed_programs() -> None:
                 assert os.path.exists(program(prog)), f"{path}: no program {prog}"
 
 
+@pytest.mark.usefixtures("backend")
 def test_serve_units_verify_and_serve_under_socket_activation(
     open_dir: Path, tmp_path: Path
 ) -> None:

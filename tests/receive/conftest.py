@@ -1,16 +1,18 @@
-"""Fixtures for the receiver's acceptance tests: a spool and a real super-server."""
+"""Fixtures for the receiver's acceptance tests: a spool and a real super-server.
+
+``rig`` and ``any_rig`` run on each backend (see tests/conftest.py); a test that uses
+``rig_factory`` directly runs on each backend when it also asks for ``backend``, on
+SQLite otherwise."""
 
 from __future__ import annotations
 
 import os
-import sqlite3
 from collections.abc import Callable, Iterator
-from contextlib import closing
 from pathlib import Path
 
 import pytest
 
-from tests.conftest import Spool, make_spool, program
+from tests.conftest import Backend, Spool, make_spool, program
 from tests.receive.superserver import KINDS, SERVE, Client, SuperServer, installed, wait_until
 
 ROOT = os.geteuid() == 0
@@ -53,22 +55,22 @@ class Rig:
             wait_until(lambda: not self.server.children(running=True), timeout, "a receiver runs")
             return
         wait_until(lambda: not self.server.established(), timeout, "a session is open")
-        count = "SELECT count(*) FROM events WHERE kind = ?"
+        count = "SELECT count(*) FROM events WHERE kind = :kind"
 
         def ended() -> bool:
-            rows = self.rows(count, "connect", wait=False) + self.rows(
-                count, "disconnect", wait=False
+            rows = self.rows(count, wait=False, kind="connect") + self.rows(
+                count, wait=False, kind="disconnect"
             )
             return rows[0] == rows[1] and rows[0][0] >= self.opened
 
         wait_until(ended, timeout, "a session's last events are not written")
 
-    def rows(self, sql: str, *args: object, wait: bool = True) -> list[tuple[object, ...]]:
-        """Query the queue database, after every receiver has exited (unless ``wait``)."""
+    def rows(self, sql: str, wait: bool = True, **params: object) -> list[tuple[object, ...]]:
+        """Query the queue database (``:name`` parameters), after every receiver has
+        exited (unless ``wait``)."""
         if wait:
             self.idle()
-        with closing(sqlite3.connect(f"file:{self.spool.db}?mode=ro", uri=True)) as db:
-            return list(db.execute(sql, args))
+        return self.spool.query(sql, **params)
 
 
 def spool_for_receiver(root: Path, extra: str = "") -> Spool:
@@ -113,7 +115,9 @@ def rig_factory(open_dir: Path) -> Iterator[Callable[..., Rig]]:
 
 
 @pytest.fixture(params=[*KINDS, SERVE])
-def any_rig(request: pytest.FixtureRequest, rig_factory: Callable[..., Rig]) -> Rig:
+def any_rig(
+    request: pytest.FixtureRequest, rig_factory: Callable[..., Rig], backend: Backend
+) -> Rig:
     """The same rig under every super-server, and as smapq serve."""
     return rig_factory(kind=request.param)
 
@@ -128,5 +132,5 @@ def transport(request: pytest.FixtureRequest) -> str:
 
 
 @pytest.fixture
-def rig(rig_factory: Callable[..., Rig], transport: str) -> Rig:
+def rig(rig_factory: Callable[..., Rig], transport: str, backend: Backend) -> Rig:
     return rig_factory(kind=transport)

@@ -1,6 +1,6 @@
 """Acceptance: the receiver corpus, against both transports of the intake -- the
-installed ``smap`` under a real super-server and ``smapq serve`` -- on a real database
-file.
+installed ``smap`` under a real super-server and ``smapq serve`` -- on each backend
+(a real database file, a fresh database on the real PostgreSQL).
 
 Driven by Python's smtplib and by raw sockets on a loopback port.  As root (CI) the
 receiver really chroots into the spool and runs as nobody; otherwise the table turns
@@ -12,16 +12,18 @@ from __future__ import annotations
 import json
 import smtplib
 import sqlite3
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from email.message import EmailMessage
 
 import pytest
 
 from smapq.smtp import limits
 from smapq.smtp import replies as R
+from tests.conftest import Spool
 from tests.receive.conftest import Rig
 
-pytestmark = pytest.mark.integration
+pytestmark = [pytest.mark.integration, pytest.mark.usefixtures("backend")]
 
 SEED = [
     (b"helo bigco.com", b"250 (bigco.com) pleased to meet you.\r\n"),
@@ -280,19 +282,37 @@ def test_bad_table_answers_421_not_a_traceback(rig_factory: Callable[..., Rig]) 
     assert c.eof()
 
 
+@contextmanager
+def writes_blocked(spool: Spool) -> Iterator[None]:
+    """Another connection holds the queue's write lock (SQLite) or a lock on the
+    messages table that every insert waits for (PostgreSQL)."""
+    if spool.database:
+        import psycopg
+
+        from tests.pgdb import libpq_url
+
+        with psycopg.connect(libpq_url(spool.database)) as blocker:
+            blocker.execute("LOCK TABLE messages IN EXCLUSIVE MODE")
+            yield
+            blocker.rollback()
+        return
+    blocker = sqlite3.connect(spool.db, isolation_level=None)
+    blocker.execute("BEGIN IMMEDIATE")
+    try:
+        yield
+    finally:
+        blocker.execute("ROLLBACK")
+        blocker.close()
+
+
 def test_database_busy_is_451_and_the_session_goes_on(rig: Rig) -> None:
     c = rig.client()
     c.cmd(b"EHLO c")
     c.cmd(b"MAIL FROM:<a@b.c>")
     c.cmd(b"RCPT TO:<d@e.f>")
     c.cmd(b"DATA")
-    blocker = sqlite3.connect(rig.spool.db, isolation_level=None)
-    blocker.execute("BEGIN IMMEDIATE")
-    try:
-        assert c.cmd(b"one\r\n.") == R.R451_STORE_FAILED  # after the 5 s busy timeout
-    finally:
-        blocker.execute("ROLLBACK")
-        blocker.close()
+    with writes_blocked(rig.spool):
+        assert c.cmd(b"one\r\n.") == R.R451_STORE_FAILED  # after the busy timeout
     c.cmd(b"MAIL FROM:<a@b.c>")
     c.cmd(b"RCPT TO:<d@e.f>")
     c.cmd(b"DATA")

@@ -31,6 +31,7 @@ def open_session(rig: Rig) -> tuple[int, Client]:
 
 
 @pytest.mark.parametrize("kind", ["inetd", "systemd-socket-activate", "serve"])
+@pytest.mark.usefixtures("backend")
 def test_receiver_is_chrooted_and_runs_as_nobody(
     rig_factory: Callable[..., Rig], kind: str
 ) -> None:
@@ -47,6 +48,7 @@ def test_receiver_is_chrooted_and_runs_as_nobody(
     assert (st["NoNewPrivs"], st["Seccomp"]) == (["1"], ["2"])
 
 
+@pytest.mark.usefixtures("backend")
 def test_jail_off_still_drops_privileges_and_says_so(
     rig_factory: Callable[..., Rig], transport: str
 ) -> None:

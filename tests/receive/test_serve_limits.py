@@ -13,7 +13,7 @@ import pytest
 from smapq.smtp import replies as R
 from tests.receive.conftest import Rig
 
-pytestmark = pytest.mark.integration
+pytestmark = [pytest.mark.integration, pytest.mark.usefixtures("backend")]
 
 STRICT = "smap: exemptloopback off\n"  # the tests' clients are all on loopback
 
@@ -21,8 +21,9 @@ STRICT = "smap: exemptloopback off\n"  # the tests' clients are all on loopback
 def refused(rig: Rig, reason: str) -> list[tuple[object, ...]]:
     return rig.rows(
         "SELECT kind, code, detail FROM events WHERE session_id IN "
-        "(SELECT session_id FROM events WHERE kind = 'reject' AND detail LIKE ?) ORDER BY id",
-        f"%{reason}%",
+        "(SELECT session_id FROM events WHERE kind = 'reject' AND detail LIKE :reason)"
+        " ORDER BY id",
+        reason=f"%{reason}%",
     )
 
 

@@ -8,7 +8,6 @@ import pwd
 import random
 import signal
 import socket
-import sqlite3
 import subprocess
 import threading
 import time
@@ -30,7 +29,7 @@ from tests.receive.superserver import (
     wait_until,
 )
 
-pytestmark = pytest.mark.integration
+pytestmark = [pytest.mark.integration, pytest.mark.usefixtures("backend")]
 
 NOBODY = pwd.getpwnam("nobody")
 
@@ -251,8 +250,7 @@ def test_ipv6(open_dir: Path) -> None:
     port = free_port()
     argv = serve_argv(spool.table, "--listen", f"[::1]:{port}")
     assert run_until_served(argv, port, socket.AF_INET6).startswith(b"250 ")
-    with sqlite3.connect(f"file:{spool.db}?mode=ro", uri=True) as db:
-        addr, trace = db.execute("SELECT client_addr, trace FROM messages").fetchone()
+    [(addr, trace)] = spool.query("SELECT client_addr, trace FROM messages")
     assert addr == "::1"
     assert "(unknown [IPv6:::1])" in trace
 
@@ -267,6 +265,7 @@ def test_ipv6(open_dir: Path) -> None:
         ("nodb", ["--listen", "127.0.0.1:1"], 75, "run 'smapq init' first"),
     ],
 )
+@pytest.mark.sqlite_only("start-up errors of the table and listeners; a missing file")
 def test_start_up_errors_are_one_line(
     open_dir: Path, setup: str, args: list[str], code: int, words: str
 ) -> None:

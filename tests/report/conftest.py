@@ -32,7 +32,7 @@ class Filled:
     def __init__(self, spool: Any, now: float) -> None:
         self.spool = spool
         self.now = now
-        self.engine: Engine = make_engine(str(spool.db))
+        self.engine: Engine = make_engine(spool.target)
 
     def smapq(self, *args: str, check: bool = True) -> subprocess.CompletedProcess[str]:
         result: subprocess.CompletedProcess[str] = self.spool.smapq(*args, check=False)

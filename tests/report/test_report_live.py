@@ -22,7 +22,7 @@ from sqlalchemy import text
 
 from smapq.report.output import display_width
 from smapq.store.engine import make_engine
-from tests.conftest import Spool, program
+from tests.conftest import Backend, Spool, program
 from tests.deliver.kit import StandIn, wait_for
 from tests.receive.conftest import spool_for_receiver
 from tests.report.test_report_metrics_help import parse_exposition
@@ -54,7 +54,7 @@ class Site:
             # whole sessions on a pipe: pipelined where no client may (not the point here)
             "smap: strictpipelining off\n" + extra,
         )
-        self.engine = make_engine(str(self.spool.db))
+        self.engine = make_engine(self.spool.target)
 
     def session(self, client: str, script: bytes, table: Path | None = None) -> bytes:
         done = subprocess.run(
@@ -105,7 +105,7 @@ class Site:
 
 
 @pytest.fixture
-def site(open_dir: Path) -> Site:
+def site(open_dir: Path, backend: Backend) -> Site:
     return Site(open_dir)
 
 

@@ -236,7 +236,13 @@ def test_bad_input_is_one_line_and_nonzero(filled: Filled, args: list[str], mess
 
 
 def test_missing_database_is_one_line(filled: Filled) -> None:
-    filled.spool.db.unlink()
+    if filled.spool.database:
+        from tests.pgdb import drop_database
+
+        filled.engine.dispose()
+        drop_database(filled.spool.database)
+    else:
+        filled.spool.db.unlink()
     result = filled.smapq("report", "summary", check=False)
     assert result.returncode != 0
     assert len(result.stderr.strip().splitlines()) == 1

@@ -7,7 +7,6 @@ import io
 import random
 import time
 from collections import Counter
-from pathlib import Path
 
 import pytest
 from sqlalchemy import Engine, event
@@ -103,8 +102,8 @@ def test_headers_are_unfolded_and_stop_at_the_body() -> None:
 
 
 @pytest.fixture
-def engine(tmp_path: Path) -> Engine:
-    e = make_engine(str(tmp_path / "q.db"), create=True)
+def engine(database: str) -> Engine:
+    e = make_engine(database, create=True)
     migrate.upgrade(e)
     return e
 
@@ -161,7 +160,12 @@ def test_recipient_ranking_paths_agree_with_brute_force(engine: Engine) -> None:
             assert [(a, n) for a, n, _ in got] == want, (since, until)
             assert all(b == sizes[a] for a, _, b in got)
     assert any("WITH strays" in sql for sql in seen)  # the id-range plan ran
-    assert any("INDEXED BY ix_messages_received_at" in sql for sql in seen)  # and the other
+    # and the other: on SQLite the index is named by a plan hint; PostgreSQL's planner
+    # picks it itself (the hints live in smapq/store/dialects)
+    inside = "GROUP BY r.address ORDER BY n DESC, r.address"
+    if engine.dialect.name == "sqlite":
+        inside = "INDEXED BY ix_messages_received_at"
+    assert any(inside in sql for sql in seen)
 
 
 def test_verbs_recheck_state_inside_the_write(engine: Engine) -> None:

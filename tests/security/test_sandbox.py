@@ -162,6 +162,7 @@ def test_every_jump_of_the_filter_stays_inside_it() -> None:
 @pytest.mark.privileged
 @pytest.mark.integration
 @pytest.mark.parametrize("jail", ["on", "off"])
+@pytest.mark.usefixtures("backend")
 def test_the_receiver_serves_a_whole_session_confined(open_dir: Path, jail: str) -> None:
     spool = spool_for_receiver(open_dir, f"smap: jail {jail}\n")
     hide = ["--hide-proc"] if jail == "off" else []

@@ -1,4 +1,5 @@
-"""The store API on a real SQLite file: pragmas, one-transaction insert, queue ids."""
+"""The store API on each backend: one-transaction insert, queue ids; SQLite's pragmas
+and locks on SQLite."""
 
 from __future__ import annotations
 
@@ -15,8 +16,8 @@ from smapq.store.ids import QUEUE_ID_LEN, new_queue_id
 
 
 @pytest.fixture
-def engine(tmp_path: Path) -> Engine:
-    e = make_engine(str(tmp_path / "q.db"), create=True)
+def engine(database: str) -> Engine:
+    e = make_engine(database, create=True)
     migrate.upgrade(e)
     return e
 
@@ -34,6 +35,7 @@ def _message(queue_id: str | None = None) -> dict[str, object]:
     }
 
 
+@pytest.mark.sqlite_only("SQLite pragmas")
 def test_writer_pragmas_are_durable(engine: Engine) -> None:
     with engine.connect() as conn:
         assert conn.exec_driver_sql("PRAGMA journal_mode").scalar() == "wal"
@@ -88,13 +90,17 @@ def test_recipients_cascade_with_their_message(engine: Engine) -> None:
         assert conn.execute(text("SELECT count(*) FROM recipients")).scalar() == 0
 
 
-def test_readonly_engine_cannot_write(engine: Engine, tmp_path: Path) -> None:
-    ro = make_engine(str(tmp_path / "q.db"), readonly=True)
-    with pytest.raises(Exception, match=r"readonly|read-only|attempt to write"):
-        with ro.begin() as conn:
-            conn.execute(text("DELETE FROM events"))
+def test_readonly_engine_cannot_write(engine: Engine, database: str) -> None:
+    ro = make_engine(database, readonly=True)
+    try:
+        with pytest.raises(Exception, match=r"readonly|read-only|attempt to write"):
+            with ro.begin() as conn:
+                conn.execute(text("DELETE FROM events"))
+    finally:
+        ro.dispose()  # its pooled PostgreSQL connection, closed before the GC finds it
 
 
+@pytest.mark.sqlite_only("SQLite's write lock")
 def test_writers_take_the_lock_at_begin(engine: Engine, tmp_path: Path) -> None:
     with engine.begin():
         other = sqlite3.connect(str(tmp_path / "q.db"), timeout=0.05)
@@ -110,6 +116,7 @@ def test_queue_ids_are_unique_and_sort_by_time() -> None:
     assert all(len(i) == QUEUE_ID_LEN and i.isalnum() for i in ids)
 
 
+@pytest.mark.sqlite_only("the flock and SQLite's write lock")
 def test_writers_take_the_queue_write_lock_before_sqlites(engine: Engine, tmp_path: Path) -> None:
     """A writer waiting for the queue's write lock (smapq.store.writelock) holds no
     SQLite lock meanwhile: the order is flock, then BEGIN IMMEDIATE.  The other order
