@@ -5,12 +5,14 @@ private PostgreSQL, each host in its own network namespace): building it costs a
 initdb and six spools. Each scenario sends Message-IDs of its own and checks only those,
 so one scenario's leftovers cannot pass or fail another. What a scenario measured (how
 many duplicates the kills caused, which replies the receivers gave while PostgreSQL was
-down) is printed at the end of the run, pass or fail.
+down) is printed at the end of the run, pass or fail. SMAPQ_SCALE_KEEP=1 keeps the work
+directory (logs, ledger, the PostgreSQL data directory) for a post-mortem.
 """
 
 from __future__ import annotations
 
 import os
+import shutil
 from collections.abc import Iterator
 
 import pytest
@@ -44,6 +46,8 @@ def cluster() -> Iterator[rig.Cluster]:
         yield made
     finally:
         made.close()
+        if not os.environ.get("SMAPQ_SCALE_KEEP"):
+            shutil.rmtree(workdir, ignore_errors=True)
 
 
 def pytest_terminal_summary(terminalreporter: pytest.TerminalReporter) -> None:
