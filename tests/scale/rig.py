@@ -334,12 +334,13 @@ class Queue:
         )
         return int(str(rows[0][0]))
 
-    def message_ids(self) -> dict[str, tuple[str, str]]:
-        """Message-ID -> (queue id, state), read from the stored bodies."""
-        out: dict[str, tuple[str, str]] = {}
+    def message_ids(self) -> dict[str, list[tuple[str, str]]]:
+        """Message-ID -> [(queue id, state)], read from the stored bodies (a message the
+        client had to send again after a lost reply may be stored twice)."""
+        out: dict[str, list[tuple[str, str]]] = {}
         for qid, state, body in self.query("SELECT queue_id, state, body FROM messages"):
             mid = message_id(bytes(body))  # type: ignore[call-overload]
-            out[mid] = (str(qid), str(state))
+            out.setdefault(mid, []).append((str(qid), str(state)))
         return out
 
 
