@@ -141,6 +141,15 @@ LAYERS: dict[str, tuple[str, ...]] = {
         "smapq.store.intake_sqlite",
         "smapq.sandbox",
     ),
+    # The store knows no caller (the intake backends implement the intake port and
+    # answer with its replies): SQL flows out through named functions only.
+    "smapq.store": (
+        "smapq.store",
+        "smapq.errors",
+        "smapq_migrations",
+        "smapq.intake.port",
+        "smapq.smtp.replies",
+    ),
 }
 # Modules of smapq.store that the receiving side may use: stdlib-only, no SQLAlchemy.
 LEAN_STORE = (
@@ -210,3 +219,13 @@ def test_nothing_outside_the_transports_imports_them() -> None:
             continue
         transports = {m for m in _imports(path) if m.startswith(("smapq.receive", "smapq.serve"))}
         assert not transports, (rel, transports)
+
+
+def test_queries_never_branch_on_the_engine() -> None:
+    """Dialect differences live in smapq.store.dialects, one module per engine."""
+    for path in sorted((ROOT / "smapq/store/queries").rglob("*.py")):
+        source = path.read_text()
+        for needle in ("dialect.name", '"sqlite"', '"postgresql"', "PRAGMA"):
+            if path.name == "intake.py" and needle in ('"sqlite"', '"postgresql"'):
+                continue  # receiver_sql(dialect) names the compiler it renders for
+            assert needle not in source, (path.relative_to(ROOT).as_posix(), needle)

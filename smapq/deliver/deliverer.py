@@ -67,7 +67,7 @@ from smapq.deliver.leases import Leases
 from smapq.deliver.outcomes import Plan, Recorder
 from smapq.deliver.retention import Retention
 from smapq.deliver.signals import HANDLED, SignalPipe
-from smapq.deliver.waker import PollWaker, SqliteWaker
+from smapq.deliver.waker import Waker
 from smapq.deliver.workers import Workers
 from smapq.errors import EX_IOERR, EX_TEMPFAIL, SmapqError
 from smapq.store import damage, faults, queries
@@ -117,7 +117,7 @@ class Deliverer:
         self,
         settings: SmapdSettings,
         engine: Engine,
-        waker: SqliteWaker | PollWaker,
+        waker: Waker,
         log: logging.Logger,
         once: bool = False,
         reload: Callable[[SmapdSettings], SmapdSettings] | None = None,

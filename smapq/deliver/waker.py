@@ -3,18 +3,28 @@
 Purpose: between full scans (every ``wakeup`` seconds) the daemon asks ``changed()``
 every few milliseconds. On SQLite that is ``PRAGMA data_version`` on a dedicated
 read-only connection: the number changes whenever another connection commits, costs
-no table read, and takes no lock. Other databases get ``PollWaker`` (never reports a
-change, so only the ``wakeup`` scan finds mail) until a PostgreSQL waker does
-``LISTEN smapq_queue`` and the receiver's insert is followed by ``NOTIFY``; the
-daemon loop only needs ``changed()``, so that drops in here.
+no table read, and takes no lock. On PostgreSQL it is ``LISTEN smapq_queue``
+(smapq.store.listen): the intake's commit, requeue, release and a deliverer's exit
+send ``NOTIFY``; a lost connection counts as a change and is re-made. ``PollWaker``
+never reports a change (``--once`` and unknown engines): only the scan finds mail.
 """
 
 from __future__ import annotations
 
+from typing import Protocol
+
 from sqlalchemy import Connection, Engine
 
 from smapq.store import queries
-from smapq.store.engine import make_engine
+from smapq.store.dialects.sqlite import database_path
+from smapq.store.engine import is_sqlite, make_engine
+from smapq.store.listen import Listener
+
+
+class Waker(Protocol):
+    def changed(self) -> bool: ...
+
+    def close(self) -> None: ...
 
 
 class PollWaker:
@@ -51,10 +61,21 @@ class SqliteWaker:
         self._engine.dispose()
 
 
-def for_database(database: str) -> SqliteWaker | PollWaker:
+class PostgresWaker:
+    """``LISTEN smapq_queue`` on its own autocommit connection."""
+
+    def __init__(self, database: str) -> None:
+        self._listener = Listener(database)
+
+    def changed(self) -> bool:
+        return self._listener.changed()
+
+    def close(self) -> None:
+        self._listener.close()
+
+
+def for_database(database: str) -> Waker:
     """The best change detector for ``database`` (a file path or a SQLAlchemy URL)."""
-    if "://" in database and not database.startswith("sqlite"):
-        return PollWaker()
-    if "://" in database:
-        database = database.split("///", 1)[-1]
-    return SqliteWaker(database)
+    if is_sqlite(database):
+        return SqliteWaker(database_path(database))
+    return PostgresWaker(database)

@@ -1,0 +1,81 @@
+"""What differs between the queue's database engines, as one interface.
+
+Purpose: every dialect-specific choice the store makes -- connection set-up, plan
+hints, change detection, the read-only guard, locking, date bucketing -- is a method
+here, implemented once per engine (``sqlite.py``, ``postgresql.py``). The queries in
+``smapq.store.queries`` are written once and ask ``dialect_of(conn)`` for the rest, so
+no query function branches on the engine's name.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable, Iterator, Sequence
+from contextlib import AbstractContextManager
+from typing import Any
+
+from sqlalchemy import Connection, Engine
+
+
+class Dialect:
+    """The interface; see ``sqlite.SqliteDialect`` and ``postgresql.PostgresDialect``."""
+
+    name = ""
+
+    def make_engine(self, database: str, readonly: bool, busy_ms: int, create: bool) -> Engine:
+        """An engine for ``database`` (a path or URL), writers or read-only."""
+        raise NotImplementedError
+
+    def deliverer_session(self, conn: Connection) -> None:
+        """Per-connection settings of the deliverer's own connection (not in a txn)."""
+        raise NotImplementedError
+
+    def checkpoint(self, conn: Connection) -> bool:
+        """Fold the write-ahead log back now, if the engine has one of ours to fold.
+        True when nothing is left to fold."""
+        raise NotImplementedError
+
+    def data_version(self, conn: Connection) -> int:
+        """A number that changes when another connection committed (0: not known)."""
+        raise NotImplementedError
+
+    def notify(self, conn: Connection) -> None:
+        """Tell waiting deliverers, at this transaction's commit, that mail is due."""
+        raise NotImplementedError
+
+    def tune_for_reports(self, conn: Connection) -> None:
+        """Per-connection read tuning for big reports; never writes."""
+        raise NotImplementedError
+
+    def read_only(self, conn: Connection) -> None:
+        """Make the current transaction read-only, by the database."""
+        raise NotImplementedError
+
+    def guard_operator_sql(self, conn: Connection) -> AbstractContextManager[None]:
+        """Around the operator's own statement (``report sql``): writes refused."""
+        raise NotImplementedError
+
+    def bucket(self, col: Any, step: int) -> Any:
+        """Start of the ``step``-second period holding ``col`` (epoch seconds, > 0)."""
+        raise NotImplementedError
+
+    def join_hints(self) -> dict[str, str]:
+        """Text for the recipient-ranking SQL: ``cross`` (join keyword fixing the
+        order), ``hint``/``id_hint``/``addr_hint`` (index choice), or plain joins."""
+        raise NotImplementedError
+
+    def table_scan(self, stmt: Any, table: Any) -> Any:
+        """``stmt`` reading ``table`` itself rather than through an index."""
+        raise NotImplementedError
+
+    def stream(self, conn: Connection, stmt: Any) -> Iterable[Sequence[Any]]:
+        """The rows of ``stmt`` as plain tuples, streamed (millions of rows)."""
+        raise NotImplementedError
+
+
+def chunks(cursor: Any, size: int = 10_000) -> Iterator[Sequence[Any]]:
+    """A DBAPI cursor's rows, fetched ``size`` at a time, closed at the end."""
+    try:
+        while rows := cursor.fetchmany(size):
+            yield from rows
+    finally:
+        cursor.close()
