@@ -101,3 +101,12 @@ def pg_url() -> Iterator[str]:
 
     with fresh_database() as url:
         yield url
+
+
+@pytest.fixture
+def pg_queue(pg_url: str) -> str:
+    """A fresh database on the real PostgreSQL server holding the queue's empty tables."""
+    from tests.pgdb import create_schema
+
+    create_schema(pg_url)
+    return pg_url

@@ -50,3 +50,19 @@ def fresh_database() -> Iterator[str]:
         yield sqlalchemy_url(url)
     finally:
         drop_database(url)
+
+
+def create_schema(url: str) -> None:
+    """The queue's tables on ``url`` (SQLAlchemy URL), from the one MetaData.
+
+    Stands in for ``smapq init`` until init creates the schema on PostgreSQL (branch pg).
+    """
+    import sqlalchemy
+
+    from smapq.store.schema import metadata
+
+    engine = sqlalchemy.create_engine(url)
+    try:
+        metadata.create_all(engine)
+    finally:
+        engine.dispose()

@@ -87,6 +87,20 @@ def test_receiver_path_stays_lean(extra: list[str]) -> None:
     assert not heavy & loaded, sorted(heavy & loaded)
 
 
+def test_sqlite_receiver_never_imports_psycopg() -> None:
+    # The PostgreSQL backend is imported by intake_open only for a PostgreSQL URL.
+    loaded = _imported_after(["smapq.receive.main", "smapq.serve.worker"])
+    assert not {m for m in loaded if m.startswith(("psycopg", "smapq.store.intake_postgresql"))}
+
+
+def test_only_the_factory_imports_the_postgresql_backend() -> None:
+    for path in sorted((ROOT / "smapq").rglob("*.py")):
+        rel = path.relative_to(ROOT).as_posix()
+        if rel in ("smapq/store/intake_open.py", "smapq/store/intake_postgresql.py"):
+            continue
+        assert "smapq.store.intake_postgresql" not in _imports(path), rel
+
+
 def test_console_scripts_work_from_any_directory(tmp_path: Path) -> None:
     for name in ("smapq", "smapd"):
         proc = subprocess.run(
@@ -153,6 +167,7 @@ LAYERS: dict[str, tuple[str, ...]] = {
 }
 # Modules of smapq.store that the receiving side may use: stdlib-only, no SQLAlchemy.
 LEAN_STORE = (
+    "smapq.store.intake_open",
     "smapq.store.intake_sqlite",
     "smapq.store.rendered",
     "smapq.store.writelock",

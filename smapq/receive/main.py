@@ -3,7 +3,8 @@
 Purpose: inetd, xinetd or systemd (``Accept=yes``) starts one ``smap`` per SMTP
 connection with the socket on fd 0 and 1.  This module only moves bytes between the
 socket and the intake core (smapq.intake.core), keeps the idle timer and commits each
-message through the SQLite intake backend before the core answers 250.  Usage:
+message through the intake backend (SQLite, or PostgreSQL for a ``postgresql+psycopg://``
+database; smapq.store.intake_open picks it) before the core answers 250.  Usage:
 ``smap [-t netperm-table]``; ``smap -daemon [...]`` is FWTK 2.1's spelling of
 ``smapq serve`` (smapq.serve).
 
@@ -19,8 +20,10 @@ Start order (Postfix's pre-jail / post-jail seam), all before the banner:
   jail (smapq.receive.jail): chroot(directory) -> chdir / -> setgroups([]) ->
   setgid -> setuid, then setuid(0) must fail.  ``smap: jail off`` skips the chroot
   and the receiver says so (stderr when stderr is not the connection, and the log).
-  post-jail, as the smap uid: open the database by its path inside the jail; then
-  the 220 banner.
+  A PostgreSQL database is connected to after confine and before the jail (the
+  chroot hides its Unix socket and libpq's files); no connection: 421 4.3.0.
+  post-jail, as the smap uid: open the SQLite database by its path inside the jail;
+  then the 220 banner.
 
 Security: the client never sees a traceback.  When stderr is the connection (inetd
 dups the socket onto fd 0, 1 and 2; so does systemd's default StandardError=inherit)
@@ -58,11 +61,11 @@ from smapq.intake.port import StoreError
 from smapq.receive import jail
 from smapq.receive.logsink import LogSink, crash_report, sink_or_none
 from smapq.smtp import replies as R
-from smapq.store.intake_sqlite import SqliteIntake
+from smapq.store import intake_open
 
 TYPE_CHECKING = False
 if TYPE_CHECKING:
-    from smapq.intake.port import Submission
+    from smapq.intake.port import IntakeStore, Submission
 
 USAGE = "usage: smap [-t netperm-table] | smap -daemon [smapq serve options]\n"
 HELP = (
@@ -137,7 +140,7 @@ class InetdReceiver:
         self.hostname = os.uname().nodename
         self.log = LogSink("smap")
         self.intake: Intake | None = None
-        self.store: SqliteIntake | None = None
+        self.store: IntakeStore | None = None
         self.wait: float | None = None  # smap: timeout, None for none (FWTK's 0)
         self.stalled = False
         self.closed_fds = False
@@ -161,14 +164,15 @@ class InetdReceiver:
         # Before the jail: this process and all it starts can no longer reach any other
         # process of its uid (smapd and its sendmails share it in the seed's table).
         sandbox.confine(hide=not smap.jail)
-        if smap.database_is_url:
-            raise StoreError(
-                f"smap queues only into an SQLite file, not {smap.database.split(':')[0]}: URLs"
-                " (set 'smap: database' to a file name)",
-                R.R421_UNAVAILABLE,
-            )
-        jail.enter(smap.directory, smap.jail, smap.userid, smap.groupid)
-        self.store = store = SqliteIntake(smap.database_in_jail)
+        # A database server is connected to now: the jail hides its socket and files.
+        early = intake_open.before_jail(smap)
+        try:
+            jail.enter(smap.directory, smap.jail, smap.userid, smap.groupid)
+        except BaseException:
+            if early is not None:
+                early.close()
+            raise
+        self.store = store = intake_open.in_jail(smap, early)
         site = Site(
             self.hostname,
             smap.maxbytes,

@@ -3,7 +3,8 @@
 Purpose: the entry point both spellings share.  Everything that can be checked before
 a socket is bound is checked here, so a mistake is one line on stderr and an exit
 code, not a worker that dies and is replaced forever: the table (78), the queue
-database's existence (75), the listen addresses (64/71).
+database's existence (75; a PostgreSQL database: one connection is made and closed),
+the listen addresses (64/71).
 
 Usage: ``smapq [-t TABLE] serve [--listen ADDR:PORT]... [--workers N] [--grace S]
 [--loop auto|asyncio|uvloop]``; ``smap -daemon`` takes the same options (and ``-t``)
@@ -22,6 +23,7 @@ from smapq.errors import EX_USAGE, SmapqError, TempError, UsageError
 from smapq.receive import jail
 from smapq.serve import listeners
 from smapq.serve.supervisor import Supervisor
+from smapq.store import intake_open
 
 LOOPS = ("auto", "asyncio", "uvloop")
 MAX_WORKERS = 16
@@ -44,8 +46,8 @@ def run(
     path = table_path(table)
     smap = load(path).smap
     if smap.database_is_url:
-        raise UsageError("smapq serve queues only into an SQLite file (smap: database)")
-    if not os.path.exists(smap.database_path):
+        intake_open.check_server(smap)  # StoreError is a TempError: one line, exit 75
+    elif not os.path.exists(smap.database_path):
         raise TempError(f"no queue database at {smap.database_path}: run 'smapq init' first")
     jail.preflight(smap.jail, smap.userid)
     sockets = listeners.open_all(listen)

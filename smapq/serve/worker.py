@@ -45,12 +45,16 @@ from smapq.receive import jail
 from smapq.receive.logsink import LogSink, crash_report, sink_or_none
 from smapq.serve import anvil as A
 from smapq.serve.connection import LINGER, Connection
-from smapq.serve.writer import ProcessCommitter
+from smapq.serve.writer import ProcessCommitter, sqlite_opener
 from smapq.smtp import replies as R
+from smapq.store import intake_open
 from smapq.store.intake_sqlite import free_space
 
 if TYPE_CHECKING:
+    from collections.abc import Callable
+
     from smapq.config.settings import SmapSettings
+    from smapq.intake.port import IntakeStore
 
 SWEEP = 1.0  # seconds between timer checks
 BACKLOG = 1024
@@ -191,6 +195,22 @@ def _loop_error(worker: Worker, context: dict[str, object]) -> None:
     worker.log(LOG_CRIT, text)
 
 
+def _server_opener(smap: SmapSettings) -> Callable[[], tuple[IntakeStore, None]]:
+    """The writer's store for a database server: connect as root, then jail."""
+
+    def open_store() -> tuple[IntakeStore, None]:
+        store = intake_open.before_jail(smap)
+        assert store is not None
+        try:
+            jail.enter(smap.directory, smap.jail, smap.userid, smap.groupid)
+        except BaseException:
+            store.close()
+            raise
+        return store, None
+
+    return open_store
+
+
 def _site(smap: SmapSettings, log: LogSink, path: str) -> Site:
     directory = os.path.dirname(path) or "."
     return Site(
@@ -200,7 +220,8 @@ def _site(smap: SmapSettings, log: LogSink, path: str) -> Site:
         smap.maxerrors,
         smap.reserve,
         sink_or_none(log),
-        lambda: free_space(directory),
+        # A database server's disk is its own business: it answers 53100 when full.
+        None if smap.database_is_url else lambda: free_space(directory),
         smap.strictpipelining,
     )
 
@@ -226,14 +247,16 @@ def run_worker(
                 log.open_file(smap.logfile)
             except OSError as exc:
                 raise ConfigError(f"cannot open {smap.logfile}: {exc.strerror}") from None
-        if smap.database_is_url:
-            raise StoreError(
-                "smapq serve queues only into an SQLite file for now", R.R421_UNAVAILABLE
-            )
         # Confined before the loop exists: libuv then finds io_uring refused at once
         # and uses epoll alone; the writer forked later inherits the filter.
         sandbox.confine(hide=not smap.jail)
         loop = new_loop(loop_kind)
+        committer = None
+        if smap.database_is_url:  # the writer connects before the jail (writer.py)
+            committer = ProcessCommitter(
+                _server_opener(smap), lambda text: log(LOG_ERR, text), lambda: None
+            )
+            committer.fork(sockets)
         jail.enter(smap.directory, smap.jail, smap.userid, smap.groupid)
     except ConfigError as exc:
         log.failure(LOG_ERR, f"fwtkcfgerr: {exc}")
@@ -246,8 +269,14 @@ def run_worker(
         return EX_TEMPFAIL
     path = smap.database_in_jail
     worker = Worker(smap, _site(smap, log, path), log, anvil, slot, grace)
-    worker.writer = ProcessCommitter(path, lambda text: log(LOG_ERR, text), worker.writer_lost)
-    worker.writer.fork(sockets)  # jailed already; before the loop runs
+    if committer is None:
+        committer = ProcessCommitter(
+            sqlite_opener(path), lambda text: log(LOG_ERR, text), worker.writer_lost
+        )
+        committer.fork(sockets)  # jailed already; before the loop runs
+    else:
+        committer.on_lost = worker.writer_lost
+    worker.writer = committer
     if worker.jail_note:
         log(LOG_WARNING, worker.jail_note)
     try:

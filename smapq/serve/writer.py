@@ -1,15 +1,19 @@
 """Group commit in a writer process: one per worker, every waiting message in one commit.
 
 Purpose: the event loop never waits for the disk and never shares a GIL with the code
-that does.  Each worker forks, after its jail, one writer process that owns the queue
-database.  Connections hand their pending ``Submission`` to ``submit`` and stop
-reading; the writer takes every submission that has arrived, commits them through the
-intake backend in ONE transaction (one fsync for all of them) and sends the outcomes
-back in one frame.  While a commit is on its way to the disk the next batch gathers,
-so under load many messages share an fsync, and an idle server commits each message
-alone without waiting for company.  No 250 is sent before its own message's commit
-returned: the outcome goes back to the connection that submitted it, which only then
-lets the core answer.
+that does.  Each worker forks one writer process that owns the queue database: after
+the worker's jail for an SQLite file; for PostgreSQL before it, and the writer
+connects and then enters the same jail itself (the chroot hides the server's socket
+and libpq's files).  A writer that loses its server answers 451 and connects again
+on a later batch (smapq.store.intake_postgresql).
+
+Connections hand their pending ``Submission`` to ``submit`` and stop reading; the writer
+takes every submission that has arrived, commits them through the intake backend in ONE
+transaction (one fsync for all of them) and sends the outcomes back in one frame.  While
+a commit is on its way to the disk the next batch gathers, so under load many messages
+share an fsync, and an idle server commits each message alone without waiting for
+company.  No 250 is sent before its own message's commit returned: the outcome goes back
+to the connection that submitted it, which only then lets the core answer.
 
 Why a process and not a thread: measured here, a writer thread spent a quarter of the
 worker's CPU in futex wake-ups and context switches handing the GIL back and forth with
@@ -49,6 +53,8 @@ from smapq.store.intake_sqlite import Checkpointer, SqliteIntake
 
 if TYPE_CHECKING:
     from collections.abc import Callable
+
+    from smapq.intake.port import IntakeStore
 
 _LEN = struct.Struct("!I")
 _READ = 1 << 20
@@ -113,19 +119,34 @@ def _submission(
     return Submission(message, rcpts, events, tagged, lambda qid: trace.replace(old, qid))
 
 
-def run_writer(sock: socket.socket, path: str) -> int:
-    """The writer's life (in the forked child, already jailed); its exit code."""
-    try:
+def sqlite_opener(path: str) -> Callable[[], tuple[IntakeStore, Checkpointer | None]]:
+    """The writer's SQLite store and its checkpointer (opened in the jail, by path)."""
+
+    def open_store() -> tuple[IntakeStore, Checkpointer | None]:
         store = SqliteIntake(path, lock_wait=None, autocheckpoint=False, cache_kib=CACHE_KIB)
-        checkpointer = Checkpointer(path)
-    except StoreError as exc:
-        sock.sendall(_frame([(0, exc.reason, exc.reply, None)]))
+        return store, Checkpointer(path)
+
+    return open_store
+
+
+def run_writer(
+    sock: socket.socket, open_store: Callable[[], tuple[IntakeStore, Checkpointer | None]]
+) -> int:
+    """The writer's life (in the forked child); its exit code.  ``open_store`` returns
+    the store, jailed by then (a server database connects first, then jails)."""
+    try:
+        store, checkpointer = open_store()
+    except Exception as exc:
+        why = exc.reason if isinstance(exc, StoreError) else f"{type(exc).__name__}: {exc}"
+        answer = exc.reply if isinstance(exc, StoreError) else R.R451_STORE_FAILED
+        sock.sendall(_frame([(0, why, answer, None)]))
         return 75
     frames = _Frames()
     since_checkpoint = 0
     while True:
-        wait = CHECKPOINT_IDLE if since_checkpoint else None
+        wait = CHECKPOINT_IDLE if since_checkpoint and checkpointer else None
         if not select.select([sock], [], [], wait)[0]:
+            assert checkpointer is not None
             checkpointer.run()  # idle: checkpoint what the last commits left
             since_checkpoint = 0
             continue
@@ -135,7 +156,8 @@ def run_writer(sock: socket.socket, path: str) -> int:
         while True:  # everything that has arrived is one batch
             data = sock.recv(_READ)
             if not data:
-                return 0  # the worker is gone: nothing of an unanswered batch is kept
+                store.close()  # the worker is gone: nothing of an unanswered batch is kept
+                return 0
             for frame in frames.feed(data):
                 for item in frame:  # type: ignore[attr-defined]
                     if item[0] == _STOP:
@@ -152,16 +174,18 @@ def run_writer(sock: socket.socket, path: str) -> int:
             out = []
             for (token, _, _, _), sub, error in zip(items, subs, results, strict=True):
                 if token:
-                    reason = None if error is None else error.reason
-                    reply = None if error is None else error.reply
+                    reason: str | None = None if error is None else error.reason
+                    reply: bytes | None = None if error is None else error.reply
                     out.append((token, reason, reply, sub.queue_id))
             if out:
                 sock.sendall(_frame(out))
             since_checkpoint += sum(1 for sub in subs if sub.durable)
         if stop:
-            checkpointer.run()
+            if checkpointer is not None:
+                checkpointer.run()
+            store.close()
             return 0
-        if since_checkpoint >= CHECKPOINT_MESSAGES:
+        if since_checkpoint >= CHECKPOINT_MESSAGES and checkpointer is not None:
             checkpointer.run()
             since_checkpoint = 0
 
@@ -189,9 +213,12 @@ class ProcessCommitter:
     """The worker's handle on its writer process (see the module docstring)."""
 
     def __init__(
-        self, path: str, on_error: Callable[[str], None], on_lost: Callable[[], None]
+        self,
+        open_store: Callable[[], tuple[IntakeStore, Checkpointer | None]],
+        on_error: Callable[[str], None],
+        on_lost: Callable[[], None],
     ) -> None:
-        self.path = path
+        self.open_store = open_store
         self.on_error = on_error
         self.on_lost = on_lost
         self.outstanding = 0
@@ -218,7 +245,7 @@ class ProcessCommitter:
                 sock.close()
             code = 70
             try:
-                code = run_writer(child, self.path)
+                code = run_writer(child, self.open_store)
             finally:
                 os._exit(code)
         child.close()

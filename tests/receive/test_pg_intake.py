@@ -1,0 +1,272 @@
+"""Intake into PostgreSQL end to end: the real smap under openbsd-inetd and the real
+``smapq serve`` storing into the real server (jailed as nobody when run as root).
+
+Mail arrives byte-exact, the audit trail has the same rows as on SQLite, 250 comes
+only after the commit; no server at start is 421 (inetd) or a one-line refusal
+(serve); a server that stops mid-session costs 451, never a 250 and never half a
+message, and intake recovers by itself when it is back (on a private server, so the
+shared one stays up for everyone else).
+"""
+
+from __future__ import annotations
+
+import itertools
+import os
+import re
+import subprocess
+import time
+from collections.abc import Callable, Iterator
+from pathlib import Path
+
+import psycopg
+import pytest
+
+from smapq.smtp import replies as R
+from smapq.store.intake_postgresql import libpq_url
+from tests.conftest import Spool, make_spool, program
+from tests.pgdb import create_schema
+from tests.pgprivate import PrivateServer, available
+from tests.receive.conftest import ROOT, TRANSPORTS, Rig
+from tests.receive.superserver import Client, free_port, wait_until
+
+pytestmark = [pytest.mark.integration, pytest.mark.postgres]
+
+BODY = (
+    b"Subject: t\r\n\r\n..leading dot\r\n"
+    + bytes(range(1, 256)).replace(b"\r", b"").replace(b"\n", b"")
+    + b"\r\nlast line\r\n"
+)
+STORED = BODY.replace(b"\r\n..", b"\r\n.")  # dot-unstuffed
+
+
+def pg_spool(root: Path, url: str, extra: str = "") -> Spool:
+    """A spool whose queue is ``url`` (its tables made from the one MetaData)."""
+    create_schema(url)
+    root.mkdir(mode=0o755, exist_ok=True)
+    return make_spool(
+        root, f"smap, smapd: database {url}\n{extra}", user="nobody" if ROOT else None
+    )
+
+
+def query(url: str, sql: str, *args: object) -> list[tuple[object, ...]]:
+    with psycopg.connect(libpq_url(url)) as conn:
+        return conn.execute(sql, args).fetchall()  # type: ignore[arg-type]
+
+
+def send(c: Client, body: bytes = BODY, rcpts: int = 2) -> bytes:
+    """One message on an open session (after EHLO); the reply to the final dot."""
+    assert c.cmd(b"MAIL FROM:<a@b.c>").startswith(b"250")
+    for i in range(rcpts):
+        assert c.cmd(b"RCPT TO:<r%d@e.f>" % i).startswith(b"250")
+    assert c.cmd(b"DATA") == R.R354_DATA
+    c.send(body + b".\r\n")
+    return c.reply()
+
+
+def queue_id(reply: bytes) -> str:
+    assert reply.startswith(b"250 "), reply
+    return reply.split()[-1].decode()
+
+
+def session(rig: Rig, messages: int = 1) -> list[str]:
+    c = rig.client()
+    assert c.cmd(b"EHLO client.example").startswith(b"250-")
+    ids = [queue_id(send(c)) for _ in range(messages)]
+    assert c.cmd(b"QUIT") == R.R221_BYE
+    assert c.eof()
+    return ids
+
+
+def events_done(read: Callable[[str], list[tuple[object, ...]]], sessions: int) -> None:
+    """Until every session's last event (disconnect) is written: the client is let go
+    before it."""
+
+    def done() -> bool:
+        return len(read("SELECT id FROM events WHERE kind = 'disconnect'")) >= sessions
+
+    wait_until(done, 120, "a session's last events are not written")
+
+
+def normalised(rows: list[tuple[object, ...]], ids: list[str]) -> list[tuple[object, ...]]:
+    """Event rows with what differs from run to run (times, ids, ports) replaced."""
+    sid = {r[1] for r in rows}
+    out = []
+    for row in rows:
+        text = repr(row[2:])
+        for n, qid in enumerate(ids):
+            text = text.replace(qid, f"<Q{n}>")
+        for s in sid:
+            text = text.replace(str(s), "<S>")
+        out.append((row[0], re.sub(r"\b\d{4,5}\b", "<port>", text)))
+    return out
+
+
+EVENTS = (
+    "SELECT kind, session_id, queue_id, client_addr, address, code, detail FROM events ORDER BY id"
+)
+
+
+@pytest.mark.parametrize("kind", TRANSPORTS)
+def test_mail_is_stored_byte_exact_with_the_events_sqlite_has(
+    rig_factory: Callable[..., Rig], open_dir: Path, pg_url: str, kind: str
+) -> None:
+    rig = rig_factory(kind=kind, spool=pg_spool(open_dir / "pg", pg_url))
+    ids = session(rig, messages=2)
+    rows = query(
+        pg_url,
+        "SELECT queue_id, state, body, size, mail_from, trace, helo, protocol"
+        " FROM messages ORDER BY id",
+    )
+    assert [r[0] for r in rows] == ids
+    for qid, state, body, size, mail_from, trace, helo, protocol in rows:
+        assert (state, body, size, mail_from) == ("received", STORED, len(STORED), "a@b.c")
+        assert f"id {qid}" in str(trace) and (helo, protocol) == ("client.example", "ESMTP")
+    rcpts = query(
+        pg_url,
+        "SELECT m.queue_id, r.position, r.address FROM recipients r"
+        " JOIN messages m ON m.id = r.message_id ORDER BY m.id, r.position",
+    )
+    assert rcpts == [(q, i, f"r{i}@e.f") for q in ids for i in range(2)]
+    events_done(lambda sql: query(pg_url, sql), 1)
+
+    # The same session into SQLite: the same rows, column for column.
+    lite = rig_factory(kind=kind)
+    lite_ids = session(lite, messages=2)
+    lite_rows = lite.rows(EVENTS)
+    pg_rows = query(pg_url, EVENTS)
+    assert normalised(pg_rows, ids) == normalised(lite_rows, lite_ids)
+    kinds = [r[0] for r in pg_rows]
+    assert kinds[0] == "connect" and kinds[-1] == "disconnect"
+    assert [r[2] for r in pg_rows if r[0] == "accept"] == ids
+
+
+def test_no_server_at_start_is_421_and_logged(open_dir: Path) -> None:
+    url = f"postgresql+psycopg://postgres@127.0.0.1:{free_port()}/smapq"
+    log = open_dir / "smap.log"
+    spool = (
+        make_spool(open_dir, f"smap, smapd: database {url}\nsmap: logfile {log}\n", user="nobody")
+        if ROOT
+        else make_spool(open_dir, f"smap, smapd: database {url}\nsmap: logfile {log}\n")
+    )
+    proc = subprocess.run(
+        [program("smap"), "-t", str(spool.table)],
+        input=b"QUIT\r\n",
+        capture_output=True,
+        timeout=120,
+        check=False,
+    )
+    data, err = proc.stdout, proc.stderr
+    assert data.startswith(b"421 4.3.0 ") and data.count(b"\r\n") == 1
+    assert proc.returncode == 75
+    assert b"fwtksyserr: cannot connect to the queue database" in err
+    assert "fwtksyserr: cannot connect to the queue database" in log.read_text()
+
+
+def test_serve_refuses_to_start_without_its_server(open_dir: Path) -> None:
+    url = f"postgresql+psycopg://postgres@127.0.0.1:{free_port()}/smapq"
+    spool = make_spool(open_dir, f"smap, smapd: database {url}\n")
+    proc = spool.smapq("serve", "--listen", f"127.0.0.1:{free_port()}", check=False)
+    assert proc.returncode == 75
+    lines = proc.stderr.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("smapq: cannot connect to the queue database")
+
+
+def test_a_unix_socket_url_is_refused_in_the_jail(open_dir: Path, pg_url: str) -> None:
+    if not ROOT:
+        pytest.skip("the jail needs root (CI runs as root)")
+    dbname = pg_url.rsplit("/", 1)[1]
+    url = f"postgresql+psycopg://postgres@/{dbname}?host=/var/run/postgresql"
+    spool = pg_spool(open_dir, pg_url)
+    spool.table.write_text(spool.table.read_text().replace(pg_url, url))
+    proc = spool.smapq("serve", "--listen", f"127.0.0.1:{free_port()}", check=False)
+    assert proc.returncode == 75
+    assert "Unix-socket database URL cannot be reached from the jail" in proc.stderr
+    done = subprocess.run(
+        [program("smap"), "-t", str(spool.table)],
+        input=b"QUIT\r\n",
+        capture_output=True,
+        timeout=120,
+        check=False,
+    )
+    assert done.stdout.startswith(b"421 4.3.0 ") and done.returncode == 75
+
+
+# --- a server that goes away and comes back (a private one) --------------------------
+
+
+@pytest.fixture(scope="module")
+def private() -> Iterator[PrivateServer]:
+    if not available():
+        pytest.skip("needs root and the PostgreSQL 15 binaries (CI has both)")
+    with PrivateServer() as server:
+        yield server
+
+
+_serial = itertools.count()
+
+
+@pytest.fixture
+def private_url(private: PrivateServer) -> str:
+    if not private.running():
+        private.start()
+    return private.create_database(f"q{os.getpid()}_{next(_serial)}")
+
+
+def send_until_stored(c: Client) -> bytes:
+    """Send until 250: right after the server is back the receiver may still be in its
+    pause between connection attempts (RECONNECT_PAUSE) and answer 451."""
+    deadline = time.monotonic() + 60
+    while True:
+        reply = send(c)
+        if not reply.startswith(b"451 4.3.0 ") or time.monotonic() > deadline:
+            return reply
+        time.sleep(0.2)
+
+
+def stored(url: str) -> list[tuple[object, ...]]:
+    return query(url, "SELECT queue_id, body FROM messages ORDER BY id")
+
+
+@pytest.mark.parametrize("kind", TRANSPORTS)
+def test_server_stopped_mid_session_is_451_never_250_then_recovers(
+    rig_factory: Callable[..., Rig],
+    open_dir: Path,
+    private: PrivateServer,
+    private_url: str,
+    kind: str,
+) -> None:
+    rig = rig_factory(kind=kind, spool=pg_spool(open_dir / "pg", private_url))
+    c = rig.client()
+    assert c.cmd(b"EHLO client.example").startswith(b"250-")
+    first = queue_id(send(c))  # the connection works
+    assert c.cmd(b"MAIL FROM:<a@b.c>").startswith(b"250")
+    assert c.cmd(b"RCPT TO:<x@e.f>").startswith(b"250")
+    assert c.cmd(b"DATA") == R.R354_DATA
+    c.send(b"Subject: lost\r\n\r\nnever half stored\r\n")
+    private.stop("fast")  # clients are cut off (57P01) while this message is in DATA
+    c.send(b".\r\n")
+    reply = c.reply()
+    assert reply.startswith(b"451 4.3.0 "), reply
+    assert send(c).startswith(b"451 4.3.0 ")  # still down: 451 again, never 250
+    private.start()
+    # Back: the same session (inetd: reconnecting inside the jail) and new ones store
+    # again, with nobody restarting anything.
+    again = queue_id(send_until_stored(c))
+    assert c.cmd(b"QUIT") == R.R221_BYE
+    c.close()
+    later = session(rig)
+    got = stored(private_url)
+    assert [r[0] for r in got] == [first, again, *later]
+    assert all(bytes(r[1]) == STORED for r in got)  # type: ignore[arg-type]
+
+
+def test_serve_writer_survives_a_server_restart_between_sessions(
+    rig_factory: Callable[..., Rig], open_dir: Path, private: PrivateServer, private_url: str
+) -> None:
+    rig = rig_factory(kind="serve", spool=pg_spool(open_dir / "pg", private_url))
+    first = session(rig)
+    workers = rig.server.children(running=True)
+    private.restart("immediate")  # a crash: the writer's idle connection is dead
+    second = session(rig)  # the writer notices at the first statement and reconnects
+    assert rig.server.children(running=True) == workers  # no worker was replaced
+    assert [r[0] for r in stored(private_url)] == [*first, *second]
