@@ -92,6 +92,13 @@ class Target:
         done = subprocess.run(
             [SMAPQ, "-t", str(spool.table), "init"], capture_output=True, text=True, check=False
         )
+        if done.returncode == 0 and self.pg is not None:  # init leaves a URL alone
+            done = subprocess.run(
+                [SMAPQ, "-t", str(spool.table), "db", "upgrade"],
+                capture_output=True,
+                text=True,
+                check=False,
+            )
         if done.returncode != 0:
             raise RigError(f"smapq init ({self.backend}): {done.stderr.strip()[-300:]}")
         return spool, database

@@ -276,6 +276,48 @@ class PrivatePostgres:
             [str(PGBIN / "pg_ctl"), "-D", str(self.data), "-m", mode, "-w", "-t", "60", "stop"]
         )
 
+    def child(self, title: str) -> int:
+        """The pid of the server process titled ``postgres: TITLE`` (e.g. walwriter)."""
+        postmaster = int((self.data / "postmaster.pid").read_text().split()[0])
+        for entry in os.listdir("/proc"):
+            if not entry.isdigit():
+                continue
+            with contextlib.suppress(OSError):
+                cmd = Path(f"/proc/{entry}/cmdline").read_bytes().split(b"\0")[0].decode()
+                ppid = Path(f"/proc/{entry}/stat").read_text().rsplit(")", 1)[1].split()[1]
+                if int(ppid) == postmaster and cmd.strip() == f"postgres: {title}":
+                    return int(entry)
+        raise RigError(f"no 'postgres: {title}' process under {postmaster}")
+
+    def crash_unflushed(self, pause: float) -> None:
+        """A crash that loses every commit not flushed by its own backend.
+
+        The processes that flush WAL on others' behalf (the WAL writer; the background
+        writer and the checkpointer, which flush WAL before writing a dirty page) are
+        frozen for ``pause`` seconds, so commits made with ``synchronous_commit = off``
+        stay in the WAL buffers (shared memory) while their clients are told they
+        committed; then an immediate stop (no checkpoint, no WAL write) and SIGKILL to
+        the frozen ones. Only commits that flushed WAL themselves (synchronous_commit
+        on) survive, as in a power cut. Needs autovacuum off (its ring buffer flushes).
+        """
+        frozen = [self.child(t) for t in ("walwriter", "background writer", "checkpointer")]
+        for pid in frozen:
+            os.kill(pid, signal.SIGSTOP)
+        try:
+            time.sleep(pause)
+            stopper = subprocess.Popen(
+                ["runuser", "-u", "postgres", "--", str(PGBIN / "pg_ctl"), "-D",
+                 str(self.data), "-m", "immediate", "-w", "-t", "60", "stop"],
+                stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+            )  # fmt: skip
+            time.sleep(0.2)  # the postmaster has its SIGQUIT: nothing writes WAL any more
+        finally:
+            for pid in frozen:
+                with contextlib.suppress(ProcessLookupError):
+                    os.kill(pid, signal.SIGKILL)
+        if stopper.wait(90) != 0:
+            raise RigError(f"pg_ctl stop -m immediate failed; see {self.log}")
+
     def running(self) -> bool:
         done = _run([str(PGBIN / "pg_ctl"), "-D", str(self.data), "status"], check=False)
         return done.returncode == 0
@@ -509,6 +551,8 @@ class Cluster:
                     self.tables.append(
                         host_table(workdir / f"host{i}", database, self.sendmail, table_extra)
                     )
+                # init leaves a database URL alone; the schema is the operator's step.
+                _run([SMAPQ, "-t", str(self.tables[0]), "db", "upgrade"])
                 self.queue = Queue(self.pg, None)
             else:
                 table = host_table(workdir / "shared", "", self.sendmail, table_extra)
