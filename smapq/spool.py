@@ -165,6 +165,27 @@ def _make_database(p: Plan, done: list[str]) -> None:
             _fix(Plan(p.kind, p.path + suffix, p.uid, p.gid, p.mode), done)
 
 
+def _migrate_server(url: str, done: list[str]) -> None:
+    """A database on a server (PostgreSQL): its administrator made it; we migrate it."""
+    from sqlalchemy.engine import make_url  # noqa: PLC0415
+
+    from smapq.store import migrate  # noqa: PLC0415
+    from smapq.store.engine import make_engine  # noqa: PLC0415
+
+    engine = make_engine(url)
+    try:
+        before = migrate.current_revision(engine)
+        migrate.upgrade(engine)
+        after = migrate.current_revision(engine)
+    finally:
+        engine.dispose()
+    shown = make_url(url).render_as_string(hide_password=True)
+    if before is None:
+        done.append(f"{shown}: created schema {after}")
+    elif before != after:
+        done.append(f"{shown}: upgraded schema {before} -> {after}")
+
+
 def init(config: Config) -> list[str]:
     """Create or repair the spool; returns one line per change (empty: all was fine)."""
     plans = plan(config)
@@ -179,4 +200,6 @@ def init(config: Config) -> list[str]:
                 _make_dir(p, done)
     finally:
         os.umask(old)
+    if config.smap.database_is_url:
+        _migrate_server(config.smap.database, done)
     return done

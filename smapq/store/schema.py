@@ -1,6 +1,6 @@
 """The one MetaData: messages, recipients and the append-only envelope log (events).
 
-Purpose: the schema alembic migrates and every query in ``queries.py`` is built from.
+Purpose: the schema alembic migrates and every query in ``smapq.store.queries`` is built from.
 
 Design: timestamps are ``float`` epoch seconds (UTC) so arithmetic (latency, age
 buckets, hour buckets) is the same SQL on SQLite and PostgreSQL. ``events`` keeps the
@@ -12,6 +12,7 @@ Indexes: ``ix_messages_due`` serves the claim query (state, next_attempt_at);
 from __future__ import annotations
 
 from sqlalchemy import (
+    BigInteger,
     CheckConstraint,
     Column,
     Float,
@@ -37,12 +38,16 @@ NAMING_CONVENTION = {
 
 metadata = MetaData(naming_convention=NAMING_CONVENTION)
 
+# Row ids: 64-bit on PostgreSQL (events outgrow 2**31 at a busy site); on SQLite
+# INTEGER, which is 64-bit already and what makes the column the rowid.
+ID = BigInteger().with_variant(Integer(), "sqlite")
+
 _STATE_LIST = ", ".join(f"'{s}'" for s in states.STATES)
 
 messages = Table(
     "messages",
     metadata,
-    Column("id", Integer, primary_key=True, autoincrement=True),
+    Column("id", ID, primary_key=True, autoincrement=True),
     Column("queue_id", String(32), nullable=False, unique=True),
     Column("state", String(16), nullable=False),
     Column("received_at", Float, nullable=False),
@@ -85,10 +90,10 @@ Index("ix_messages_id_cover", messages.c.id, messages.c.received_at, messages.c.
 recipients = Table(
     "recipients",
     metadata,
-    Column("id", Integer, primary_key=True, autoincrement=True),
+    Column("id", ID, primary_key=True, autoincrement=True),
     Column(
         "message_id",
-        Integer,
+        ID,
         ForeignKey("messages.id", ondelete="CASCADE"),
         nullable=False,
     ),
@@ -103,7 +108,7 @@ Index("ix_recipients_address", recipients.c.address, recipients.c.message_id)
 events = Table(
     "events",
     metadata,
-    Column("id", Integer, primary_key=True, autoincrement=True),
+    Column("id", ID, primary_key=True, autoincrement=True),
     Column("at", Float, nullable=False),
     Column("kind", String(32), nullable=False),
     Column("session_id", String(32), nullable=True),
