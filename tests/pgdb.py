@@ -53,16 +53,22 @@ def fresh_database() -> Iterator[str]:
 
 
 def create_schema(url: str) -> None:
-    """The queue's tables on ``url`` (SQLAlchemy URL), from the one MetaData.
+    """The queue's tables on ``url`` (SQLAlchemy URL), made by the installed ``smapq
+    init`` from a throw-away table, as an operator makes them."""
+    import subprocess
+    import sys
+    import tempfile
+    from pathlib import Path
 
-    Stands in for ``smapq init`` until init creates the schema on PostgreSQL (branch pg).
-    """
-    import sqlalchemy
-
-    from smapq.store.schema import metadata
-
-    engine = sqlalchemy.create_engine(url)
-    try:
-        metadata.create_all(engine)
-    finally:
-        engine.dispose()
+    with tempfile.TemporaryDirectory() as tmp:
+        table = Path(tmp) / "netperm-table"
+        table.write_text(f"smap, smapd: directory {tmp}/spool\nsmap, smapd: database {url}\n")
+        table.chmod(0o600)
+        done = subprocess.run(
+            [str(Path(sys.executable).parent / "smapq"), "-t", str(table), "init"],
+            capture_output=True,
+            text=True,
+            check=False,
+            timeout=120,
+        )
+    assert done.returncode == 0, done.stderr

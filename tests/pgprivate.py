@@ -121,6 +121,19 @@ class PrivateServer:
         self.stop(mode)
         self.start()
 
+    def hba(self, *lines: str) -> None:
+        """Put ``lines`` first in pg_hba.conf (first match wins) and reload."""
+        path = self.data / "pg_hba.conf"
+        path.write_text("".join(line + "\n" for line in lines) + path.read_text())
+        self._ctl("reload")
+
+    def sql(self, statement: str, dbname: str = "postgres") -> None:
+        """Run one statement as the superuser (autocommit)."""
+        import psycopg
+
+        with psycopg.connect(self.libpq_url(dbname), autocommit=True) as conn:
+            conn.execute(statement)  # type: ignore[arg-type]
+
     def running(self) -> bool:
         proc = _as_owner([str(PG_BIN / "pg_ctl"), "-D", str(self.data), "status"], check=False)
         return proc.returncode == 0

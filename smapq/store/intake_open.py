@@ -31,10 +31,21 @@ from smapq.store.intake_sqlite import SqliteIntake
 
 TYPE_CHECKING = False
 if TYPE_CHECKING:
-    from typing import Any
+    from typing import Any, Protocol
 
-    from smapq.config.settings import SmapSettings
     from smapq.intake.port import IntakeStore
+
+    class SmapSettings(Protocol):
+        """What is read of smap's settings (smapq.config.settings.SmapSettings)."""
+
+        database: str
+        jail: bool
+
+        @property
+        def database_is_url(self) -> bool: ...
+        @property
+        def database_in_jail(self) -> str: ...
+
 
 SERVER_SCHEMES = ("postgresql", "postgres")
 

@@ -45,6 +45,7 @@ receiver never imports this module.
 from __future__ import annotations
 
 import ipaddress
+import os
 import time
 from typing import TYPE_CHECKING
 
@@ -64,7 +65,9 @@ if TYPE_CHECKING:
     Conn = psycopg.Connection[tuple[object, ...]]
     Params = dict[str, str | int | None]
 
-CHANNEL = "smapq_queue"  # the deliverers LISTEN here (smapq.deliver.waker)
+# The deliverers LISTEN here (smapq.store.listen); the same as
+# smapq.store.dialects.postgresql.CHANNEL (a test checks), which imports SQLAlchemy.
+CHANNEL = "smapq_queue"
 STATEMENT_TIMEOUT_MS = 30000
 CONNECT_TIMEOUT = 10
 RECONNECT_PAUSE = 1.0
@@ -142,8 +145,12 @@ def sql_insert(table: str, columns: Sequence[str], rows: int) -> str:
     return f"INSERT INTO {table} ({', '.join(columns)}) VALUES " + ", ".join([group] * rows)
 
 
-def sql_commit(notify: bool) -> str:
-    return f"NOTIFY {CHANNEL}; COMMIT" if notify else "COMMIT"
+def sql_notify() -> str:
+    return f"NOTIFY {CHANNEL}"
+
+
+def sql_commit() -> str:
+    return "COMMIT"
 
 
 def sql_session(timeout_ms: int) -> str:
@@ -173,8 +180,11 @@ class PostgresIntake:
             params: Params = conninfo_to_dict(libpq_url(url))
         except (ValueError, psycopg.Error) as exc:
             raise StoreError(f"bad database URL: {exc}", R.R421_UNAVAILABLE) from None
-        params.setdefault("connect_timeout", str(connect_timeout))
-        params.setdefault("application_name", APPLICATION_NAME)
+        # The environment's PG* variables apply, as for every libpq program.
+        if "PGCONNECT_TIMEOUT" not in os.environ:
+            params.setdefault("connect_timeout", str(connect_timeout))
+        if "PGAPPNAME" not in os.environ:
+            params.setdefault("application_name", APPLICATION_NAME)
         for key, value in _TCP.items():
             params.setdefault(key, value)
         self.params = params
@@ -308,21 +318,27 @@ class PostgresIntake:
                 if fresh or not conn.broken:
                     raise
                 raise _Stale from None
+            ids: list[object] = []
             if messages:
                 cur.nextset()
                 cur.nextset()
                 ids = [row[0] for row in cur.fetchall()]
-                rows: list[list[object]] = []
-                rcpts: list[list[object]] = []
-                for id_, sub in zip(ids, messages, strict=True):
-                    message = sub.message
-                    assert message is not None
-                    rows.append([id_, *[message[c] for c in MESSAGE_COLUMNS]])
-                    rcpts.extend([id_, i, a] for i, a in enumerate(sub.recipients))
+            rows: list[list[object]] = []
+            rcpts: list[list[object]] = []
+            for id_, sub in zip(ids, messages, strict=True):
+                message = sub.message
+                assert message is not None
+                rows.append([id_, *[message[c] for c in MESSAGE_COLUMNS]])
+                rcpts.extend([id_, i, a] for i, a in enumerate(sub.recipients))
+            # The rest in one round trip: a statement that fails makes the server skip
+            # the ones after it (COMMIT included) and the pipeline raises its error.
+            with conn.pipeline():
                 _insert(cur, "messages", ("id", *MESSAGE_COLUMNS), rows)
                 _insert(cur, "recipients", RECIPIENT_COLUMNS, rcpts)
-            _insert(cur, "events", EVENT_COLUMNS, events)
-            cur.execute(sql_commit(bool(messages)))
+                _insert(cur, "events", EVENT_COLUMNS, events)
+                if messages:
+                    cur.execute(sql_notify())
+                cur.execute(sql_commit())
 
     def free_space(self) -> int | None:
         return None  # the server's disk: it says 53100 when full

@@ -13,6 +13,7 @@ from __future__ import annotations
 import itertools
 import os
 import re
+import socket
 import subprocess
 import time
 from collections.abc import Callable, Iterator
@@ -23,7 +24,7 @@ import pytest
 
 from smapq.smtp import replies as R
 from smapq.store.intake_postgresql import libpq_url
-from tests.conftest import Spool, make_spool, program
+from tests.conftest import Spool, make_spool, program, root_only
 from tests.pgdb import create_schema
 from tests.pgprivate import PrivateServer, available
 from tests.receive.conftest import ROOT, TRANSPORTS, Rig
@@ -40,8 +41,7 @@ STORED = BODY.replace(b"\r\n..", b"\r\n.")  # dot-unstuffed
 
 
 def pg_spool(root: Path, url: str, extra: str = "") -> Spool:
-    """A spool whose queue is ``url`` (its tables made from the one MetaData)."""
-    create_schema(url)
+    """A spool whose queue is ``url`` (``smapq init`` makes its tables)."""
     root.mkdir(mode=0o755, exist_ok=True)
     return make_spool(
         root, f"smap, smapd: database {url}\n{extra}", user="nobody" if ROOT else None
@@ -140,14 +140,59 @@ def test_mail_is_stored_byte_exact_with_the_events_sqlite_has(
     assert [r[2] for r in pg_rows if r[0] == "accept"] == ids
 
 
+@pytest.mark.parametrize("kind", TRANSPORTS)
+def test_250_comes_only_after_the_commit(
+    rig_factory: Callable[..., Rig], open_dir: Path, pg_url: str, kind: str
+) -> None:
+    """A lock holds the intake's INSERT: no reply until the commit is through."""
+    rig = rig_factory(kind=kind, spool=pg_spool(open_dir / "pg", pg_url))
+    dbname = pg_url.rsplit("/", 1)[1]
+    c = rig.client()
+    assert c.cmd(b"EHLO client.example").startswith(b"250-")
+    with psycopg.connect(libpq_url(pg_url)) as blocker:
+        blocker.execute("LOCK TABLE messages IN SHARE ROW EXCLUSIVE MODE")  # stops INSERTs
+        assert c.cmd(b"MAIL FROM:<a@b.c>").startswith(b"250")
+        assert c.cmd(b"RCPT TO:<r@e.f>").startswith(b"250")
+        assert c.cmd(b"DATA") == R.R354_DATA
+        c.send(BODY + b".\r\n")
+
+        def waiting() -> bool:
+            return bool(
+                query(
+                    pg_url,
+                    "SELECT 1 FROM pg_stat_activity WHERE datname = %s"
+                    " AND application_name = 'smap' AND wait_event_type = 'Lock'",
+                    dbname,
+                )
+            )
+
+        wait_until(waiting, 120, "the intake's INSERT never waited for the lock")
+        c.sock.setblocking(False)
+        try:
+            early = c.sock.recv(100, socket.MSG_PEEK)
+        except BlockingIOError:
+            early = b""
+        c.sock.setblocking(True)
+        assert early == b"", early  # nothing said yet: no 250 before the commit
+        assert query(pg_url, "SELECT count(*) FROM messages") == [(0,)]
+        blocker.rollback()
+    qid = queue_id(c.reply())
+    assert query(pg_url, "SELECT queue_id FROM messages") == [(qid,)]
+    assert c.cmd(b"QUIT") == R.R221_BYE
+
+
+def unreachable(root: Path, url: str, extra: str = "") -> Spool:
+    """A spool whose table names ``url`` (no server there: init could not have run)."""
+    spool = make_spool(root, extra, user="nobody" if ROOT else None)
+    with spool.table.open("a") as table:
+        table.write(f"smap, smapd: database {url}\n")
+    return spool
+
+
 def test_no_server_at_start_is_421_and_logged(open_dir: Path) -> None:
     url = f"postgresql+psycopg://postgres@127.0.0.1:{free_port()}/smapq"
     log = open_dir / "smap.log"
-    spool = (
-        make_spool(open_dir, f"smap, smapd: database {url}\nsmap: logfile {log}\n", user="nobody")
-        if ROOT
-        else make_spool(open_dir, f"smap, smapd: database {url}\nsmap: logfile {log}\n")
-    )
+    spool = unreachable(open_dir, url, f"smap: logfile {log}\n")
     proc = subprocess.run(
         [program("smap"), "-t", str(spool.table)],
         input=b"QUIT\r\n",
@@ -164,7 +209,7 @@ def test_no_server_at_start_is_421_and_logged(open_dir: Path) -> None:
 
 def test_serve_refuses_to_start_without_its_server(open_dir: Path) -> None:
     url = f"postgresql+psycopg://postgres@127.0.0.1:{free_port()}/smapq"
-    spool = make_spool(open_dir, f"smap, smapd: database {url}\n")
+    spool = unreachable(open_dir, url)
     proc = spool.smapq("serve", "--listen", f"127.0.0.1:{free_port()}", check=False)
     assert proc.returncode == 75
     lines = proc.stderr.strip().splitlines()
@@ -270,3 +315,58 @@ def test_serve_writer_survives_a_server_restart_between_sessions(
     second = session(rig)  # the writer notices at the first statement and reconnects
     assert rig.server.children(running=True) == workers  # no worker was replaced
     assert [r[0] for r in stored(private_url)] == [*first, *second]
+
+
+JAILED_RECONNECT = """
+import os, sys
+from smapq.intake.port import Submission
+from smapq.store.intake_postgresql import PostgresIntake
+store = PostgresIntake(sys.argv[1])  # as root, before the jail: reads PGPASSFILE
+del os.environ["PGPASSFILE"]
+os.chroot(sys.argv[2]); os.chdir("/"); os.setgroups([]); os.setgid(65534); os.setuid(65534)
+store.close()  # as if the server had dropped us: the next batch connects in the jail
+row = {"at": 1.0, "kind": "connect", "session_id": "S", "queue_id": None,
+       "client_addr": None, "address": None, "code": None, "detail": None}
+print(store.accept([Submission(None, (), [row])]))
+"""
+
+
+@root_only
+def test_a_passfile_password_serves_reconnects_inside_the_jail(
+    private: PrivateServer, private_url: str, open_dir: Path
+) -> None:
+    """No password in the netperm-table: libpq's passfile is read before the jail, and
+    a reconnect from inside the (empty) jail still authenticates."""
+    dbname = private_url.rsplit("/", 1)[1]
+    create_schema(private_url)
+    role = f"smap_pw_{os.getpid()}"
+    private.sql(f"CREATE ROLE {role} LOGIN PASSWORD 'pw-{role}'")
+    private.sql(f"GRANT INSERT ON events TO {role}", dbname)
+    private.sql(f"GRANT USAGE ON SEQUENCE events_id_seq TO {role}", dbname)
+    private.hba(f"host all {role} 127.0.0.1/32 scram-sha-256")
+    passfile = open_dir / "pgpass"
+    passfile.write_text(f"127.0.0.1:{private.port}:*:{role}:pw-{role}\n")
+    passfile.chmod(0o600)
+    jail = open_dir / "jail"
+    jail.mkdir(mode=0o755)
+    url = private_url.replace("://postgres@", f"://{role}@")
+    done = subprocess.run(
+        [
+            os.path.join(os.path.dirname(program("smap")), "python"),
+            "-c",
+            JAILED_RECONNECT,
+            url,
+            str(jail),
+        ],
+        capture_output=True,
+        text=True,
+        timeout=120,
+        env={"PGPASSFILE": str(passfile), "PATH": "/usr/bin:/bin"},
+        check=False,
+    )
+    assert done.returncode == 0, done.stderr
+    assert done.stdout.strip() == "[None]"
+    assert query(private_url, "SELECT kind FROM events") == [("connect",)]
+    # and without the passfile there is no way in (so the test above needed it)
+    with pytest.raises(psycopg.OperationalError):
+        psycopg.connect(libpq_url(url)).close()

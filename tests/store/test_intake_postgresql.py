@@ -333,6 +333,12 @@ def test_a_unix_socket_url_is_refused_with_the_jail_on(pg_queue: str) -> None:
         store.close()
 
 
+def test_the_channel_is_the_deliverers() -> None:
+    from smapq.store.dialects.postgresql import CHANNEL as LISTENED
+
+    assert CHANNEL == LISTENED
+
+
 def test_the_factory_picks_the_backend_by_url() -> None:
     assert intake_open.is_server("postgresql+psycopg://u@h/d")
     assert intake_open.is_server("postgresql://u@h/d")
