@@ -196,6 +196,9 @@ class Deliverer:
                 failures = 0
             except DBAPIError as exc:
                 failures += 1
+                # The pass may have consumed a wake-up (a NOTIFY, a data_version step)
+                # before the database failed: scan again once it answers.
+                state.kicked = True
                 give_up = GIVE_UP_ONCE.get(faults.kind(exc), GIVE_UP_ONCE_OTHER)
                 if self.signals.stops and failures >= give_up:
                     # Asked to stop while the database keeps failing: do not wait for

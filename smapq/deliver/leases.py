@@ -88,7 +88,7 @@ class Leases:
         if claimed >= limit:
             return []
         due_by = now if self.due_by is None else min(now, self.due_by)
-        return [i for i in queries.due_ids(conn, due_by, limit) if i not in self.unreadable]
+        return [i for i in queries.ghost_ids(conn, due_by, limit) if i not in self.unreadable]
 
     def _recipients(self, conn: Connection, ids: list[int]) -> dict[int, list[tuple[int, str]]]:
         rcpts: dict[int, list[tuple[int, str]]] = {i: [] for i in ids}

@@ -20,6 +20,10 @@ class Dialect:
     """The interface; see ``sqlite.SqliteDialect`` and ``postgresql.PostgresDialect``."""
 
     name = ""
+    # One snapshot per write transaction (SQLite: writers are serialised, nothing
+    # commits between two statements of ours); False where each statement sees the
+    # commits made since the one before (PostgreSQL's READ COMMITTED).
+    stable_writes = True
 
     def make_engine(self, database: str, readonly: bool, busy_ms: int, create: bool) -> Engine:
         """An engine for ``database`` (a path or URL), writers or read-only."""
@@ -61,6 +65,11 @@ class Dialect:
     def join_hints(self) -> dict[str, str]:
         """Text for the recipient-ranking SQL: ``cross`` (join keyword fixing the
         order), ``hint``/``id_hint``/``addr_hint`` (index choice), or plain joins."""
+        raise NotImplementedError
+
+    def unordered(self, col: Any) -> Any:
+        """``col`` to ORDER BY when the planner should not walk an index for its order
+        (the rows wanted are few and clustered at one end of it)."""
         raise NotImplementedError
 
     def table_scan(self, stmt: Any, table: Any) -> Any:

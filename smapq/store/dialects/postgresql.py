@@ -59,6 +59,7 @@ def _read_only_txn(conn: Connection) -> Iterator[None]:
 
 class PostgresDialect(Dialect):
     name = "postgresql"
+    stable_writes = False
 
     def make_engine(self, database: str, readonly: bool, busy_ms: int, create: bool) -> Engine:
         # busy_ms and create mean nothing here: rows, not the database, are locked,
@@ -103,6 +104,10 @@ class PostgresDialect(Dialect):
 
     def join_hints(self) -> dict[str, str]:
         return {"cross": "JOIN", "hint": "", "id_hint": "", "addr_hint": "", "bytes_hint": ""}
+
+    def unordered(self, col: Any) -> Any:
+        # An expression, not the column: no index provides its order.
+        return col + 0
 
     def table_scan(self, stmt: Any, table: Any) -> Any:
         return stmt

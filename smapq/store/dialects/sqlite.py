@@ -270,6 +270,9 @@ class SqliteDialect(Dialect):
             "bytes_hint": "INDEXED BY ix_messages_id_cover",
         }
 
+    def unordered(self, col: Any) -> Any:
+        return col
+
     def table_scan(self, stmt: Any, table: Any) -> Any:
         return stmt.with_hint(table, "NOT INDEXED", "sqlite")
 

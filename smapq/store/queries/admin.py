@@ -84,7 +84,11 @@ def queue_list(
         )
         stmt = stmt.where(has)
     stmt = stmt.where(*window(m.received_at, received_after, received_before))
-    stmt = stmt.order_by(m.id)
+    waiting_only = bool(queue_states) and set(queue_states) <= {*states.WAITING, DEFERRED}
+    # Waiting mail is a small set at the end of the id order: let the planner find it
+    # by state and sort it rather than walk the primary key through delivered mail.
+    order = dialect_of(conn).unordered(m.id) if waiting_only else m.id
+    stmt = stmt.order_by(order)
     if limit is not None:
         stmt = stmt.limit(limit)
     return conn.execution_options(stream_results=True).execute(stmt)

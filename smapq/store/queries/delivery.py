@@ -223,6 +223,20 @@ def due_ids(conn: Connection, due_by: float, limit: int) -> list[int]:
     return [int(i) for i in conn.execute(stmt).scalars()]
 
 
+def ghost_ids(conn: Connection, due_by: float, limit: int) -> list[int]:
+    """After a claim that took fewer than it had room for, in the same transaction:
+    due ids it could not take -- rows the due index names but the table does not give
+    (damage that raises no error).
+
+    Only where nothing can commit between the claim and this read (SQLite); on
+    PostgreSQL a message received in between would look like such a ghost, so none
+    are reported (its damage shows as errors: XX001/XX002).
+    """
+    if not dialect_of(conn).stable_writes:
+        return []
+    return due_ids(conn, due_by, limit)
+
+
 def due_ids_between(conn: Connection, low: int, high: int, due_by: float) -> list[int]:
     """Ids of due messages with ``low <= id <= high``, walking the table itself (not the
     due index, which may be the damaged part): the careful mode's fallback."""
