@@ -6,7 +6,8 @@ root, open the log, import everything, confine itself (smapq.sandbox: no process
 runs can reach another of its uid), chroot into the spool, setgroups([]), drop to
 smap's uid/gid and verify (smapq.receive.jail, the same code) -- then opens the queue
 inside the jail and serves the listening sockets it inherited with an event loop:
-many sessions, one writer process (smapq.serve.writer).
+many sessions, one writer process (smapq.serve.writer).  A PostgreSQL queue is the
+writer's: it is forked before the jail, connects, then jails itself.
 
 Limits: at the door, ``maxsessions`` / ``maxperclient`` / ``clientrate`` (counted for
 the whole server in smapq.serve.anvil; loopback clients skip the per-client ones

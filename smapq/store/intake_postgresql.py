@@ -223,8 +223,14 @@ class PostgresIntake:
         return conn
 
     def _pin(self, conn: Conn) -> None:
-        """Keep what libpq looked up for the first connection (see the docstring)."""
+        """Keep what libpq looked up for the first connection (see the docstring): from
+        the service file, the passfile, PG* variables, /etc/hosts and DNS."""
         info, params = conn.info, self.params
+        params.pop("service", None)
+        params.pop("passfile", None)
+        params.setdefault("host", info.host)
+        params.setdefault("port", str(info.port))
+        params.setdefault("dbname", info.dbname)
         params.setdefault("user", info.user)
         if info.password and "password" not in params:
             params["password"] = info.password
@@ -233,8 +239,6 @@ class PostgresIntake:
             hostaddr = getattr(info, "hostaddr", "")
             if hostaddr:
                 params.setdefault("hostaddr", hostaddr)
-        params.pop("service", None)  # resolved: the service file is not in the jail
-        params.pop("passfile", None)
 
     def _connection(self) -> tuple[Conn, bool]:
         """The open connection, or a new one (then True)."""

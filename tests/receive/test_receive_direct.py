@@ -58,11 +58,15 @@ def test_table_writable_by_others_is_refused(tmp_path: Path) -> None:
     assert b"writable by group or others" in done.stderr
 
 
-def test_database_url_is_refused(open_dir: Path) -> None:
-    spool = spool_for_receiver(open_dir, "smap: database postgresql://db/smapq\n")
+def test_a_url_of_another_database_is_refused(open_dir: Path) -> None:
+    # PostgreSQL URLs are served (tests/receive/test_pg_intake.py); others are not.
+    spool = spool_for_receiver(open_dir)
+    with spool.table.open("a") as table:
+        table.write("smap: database mysql://db/smapq\n")
     done = smap("-t", str(spool.table), stdin=b"QUIT\r\n")
     assert done.stdout.startswith(b"421 4.3.0 ")
     assert done.returncode == EX_TEMPFAIL
+    assert b"mysql://" in done.stderr
 
 
 def test_remote_addr_from_the_environment(open_dir: Path) -> None:

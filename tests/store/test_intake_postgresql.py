@@ -7,6 +7,7 @@ from __future__ import annotations
 import hashlib
 import os
 from collections.abc import Iterator
+from pathlib import Path
 
 import psycopg
 import pytest
@@ -348,3 +349,21 @@ def test_the_factory_picks_the_backend_by_url() -> None:
     with pytest.raises(StoreError) as info:
         intake_open.before_jail(_Smap("mysql://u@h/d", jail=True))  # type: ignore[arg-type]
     assert "mysql://" in info.value.reason
+
+
+def test_a_service_file_is_read_once_then_not_needed(
+    pg_queue: str, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """``?service=`` names host, port, database and user in pg_service.conf, read
+    before the jail; reconnecting (in the jail, where the file is not) needs none."""
+    dbname = pg_queue.rsplit("/", 1)[1]
+    services = tmp_path / "pg_service.conf"
+    services.write_text(f"[smapq]\nhost=127.0.0.1\nport=5432\ndbname={dbname}\nuser=postgres\n")
+    monkeypatch.setenv("PGSERVICEFILE", str(services))
+    store = intake_open.before_jail(_Smap("postgresql+psycopg://?service=smapq", jail=True))  # type: ignore[arg-type]
+    assert store is not None
+    monkeypatch.setenv("PGSERVICEFILE", str(tmp_path / "gone"))  # as in the jail
+    store.close()  # the next batch connects again
+    assert store.accept([submission()]) == [None]
+    store.close()
+    assert counts(pg_queue) == (1, 2, 0)
