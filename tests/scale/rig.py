@@ -319,7 +319,12 @@ class PrivatePostgres:
             raise RigError(f"pg_ctl stop -m immediate failed; see {self.log}")
 
     def running(self) -> bool:
-        done = _run([str(PGBIN / "pg_ctl"), "-D", str(self.data), "status"], check=False)
+        # As postgres: pg_ctl refuses to run as root, which would read as "not running".
+        done = _run(
+            ["runuser", "-u", "postgres", "--", str(PGBIN / "pg_ctl"), "-D", str(self.data),
+             "status"],
+            check=False,
+        )  # fmt: skip
         return done.returncode == 0
 
     def libpq(self, db: str = "smapq") -> str:
