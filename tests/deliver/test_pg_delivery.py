@@ -137,7 +137,7 @@ def test_release_from_hold_wakes_the_deliverer(
 
 def test_once_on_an_unreachable_server_is_one_line(tmp_path: Path, standin: StandIn) -> None:
     url = "postgresql+psycopg://postgres@127.0.0.1:1/nowhere"
-    spool = make_spool(tmp_path / "s")  # a spool for the table; the queue is on a server
+    spool = make_spool(tmp_path)  # a spool for the table; the queue is on a server
     table = spool.table
     table.write_text(
         table.read_text() + f"smap, smapd: database {url}\nsmapd: sendmail {standin.path}\n"

@@ -83,6 +83,9 @@ def test_queue_verbs_on_postgresql(pg_filled: Filled) -> None:
 def test_report_sql_reads(pg_filled: Filled) -> None:
     doc = pg_filled.json("report", "sql", "SELECT queue_id, size FROM messages ORDER BY id")
     assert [r["queue_id"] for r in doc["rows"]][:2] == ["M1", "M2"]
+    # A % in the text is the operator's, not a driver placeholder.
+    like = "SELECT count(*) AS n FROM messages WHERE mail_from LIKE '%@a.example'"
+    assert pg_filled.json("report", "sql", like)["rows"] == [{"n": 3}]
 
 
 @pytest.mark.parametrize(
@@ -114,3 +117,52 @@ def test_report_sql_writes_are_refused_by_the_server(pg_filled: Filled, statemen
     lines = result.stderr.strip().splitlines()
     assert len(lines) == 1 and lines[0].startswith("smapq: sql: "), result.stderr
     assert pg_filled.fingerprint() == before
+
+
+@pytest.mark.parametrize("step", [3600, 86400])
+def test_server_percentiles_are_the_reports_nearest_rank(pg_filled: Filled, step: int) -> None:
+    """PostgreSQL computes latency percentiles itself; they equal the Python rule the
+    SQLite path applies to the streamed rows, period by period, to the last bit."""
+    import random
+
+    from smapq.report import reports
+    from smapq.store import queries
+
+    rnd = random.Random(9)
+    with pg_filled.engine.begin() as conn:
+        for n in range(400):
+            received = pg_filled.now - rnd.uniform(0, 3 * 86400)
+            qid = f"L{n}"
+            queries.insert_message(
+                conn,
+                {
+                    "queue_id": qid,
+                    "protocol": "ESMTP",
+                    "mail_from": "a@b",
+                    "size": 1,
+                    "trace": "",
+                    "body": b"x",
+                    "body_sha256": "0" * 64,
+                    "received_at": received,
+                },
+                ["r@x"],
+            )
+            conn.exec_driver_sql(
+                "UPDATE messages SET state = 'delivered', delivered_at = %(d)s "
+                "WHERE queue_id = %(q)s",
+                {"d": received + rnd.expovariate(1 / 30.0) * rnd.choice((1, 1, 1, 50)), "q": qid},
+            )
+    with pg_filled.engine.connect() as conn:
+        served = queries.report_latency_periods(conn, None, None, step)
+        assert served is not None
+        streamed = list(
+            reports._latency_rows(
+                conn.exec_driver_sql(
+                    "SELECT delivered_at, delivered_at - received_at FROM messages "
+                    "WHERE delivered_at IS NOT NULL ORDER BY delivered_at"
+                ).all(),
+                step,
+            )
+        )
+    assert [tuple(r) for r in served] == streamed
+    assert len(streamed) > 3

@@ -231,3 +231,35 @@ def test_a_libpq_service_file_names_the_server(tmp_path: Path, pg_url: str) -> N
         [*run, "db", "current"], capture_output=True, text=True, check=True, env=env
     )
     assert proc.stdout.strip() == "0001"
+
+
+def test_writers_commit_durably_when_the_server_default_is_off(pg_url: str) -> None:
+    """A database whose default is synchronous_commit = off: smapq's writers raise it
+    to on for their sessions (a crash then repeats only what was in flight); readers
+    and an administrator's stronger choice are left alone."""
+    from sqlalchemy.engine import make_url
+
+    name = make_url(pg_url).database
+    admin = make_engine(pg_url)
+    with admin.begin() as conn:
+        conn.exec_driver_sql(f'ALTER DATABASE "{name}" SET synchronous_commit = off')
+    admin.dispose()
+    writer, reader = make_engine(pg_url), make_engine(pg_url, readonly=True)
+    try:
+        with writer.connect() as conn:
+            assert conn.exec_driver_sql("SHOW synchronous_commit").scalar() == "on"
+        with reader.connect() as conn:
+            assert conn.exec_driver_sql("SHOW synchronous_commit").scalar() == "off"
+    finally:
+        writer.dispose()
+        reader.dispose()
+    stronger = make_engine(pg_url)
+    with stronger.begin() as conn:
+        conn.exec_driver_sql(f'ALTER DATABASE "{name}" SET synchronous_commit = remote_apply')
+    stronger.dispose()
+    again = make_engine(pg_url)
+    try:
+        with again.connect() as conn:
+            assert conn.exec_driver_sql("SHOW synchronous_commit").scalar() == "remote_apply"
+    finally:
+        again.dispose()

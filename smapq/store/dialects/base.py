@@ -24,6 +24,8 @@ class Dialect:
     # commits between two statements of ours); False where each statement sees the
     # commits made since the one before (PostgreSQL's READ COMMITTED).
     stable_writes = True
+    # percentile_disc() WITHIN GROUP (ORDER BY ...): exact percentiles on the server.
+    ordered_set_aggregates = False
 
     def make_engine(self, database: str, readonly: bool, busy_ms: int, create: bool) -> Engine:
         """An engine for ``database`` (a path or URL), writers or read-only."""

@@ -21,7 +21,7 @@ from collections.abc import Iterable, Iterator, Sequence
 from contextlib import AbstractContextManager, contextmanager
 from typing import Any
 
-from sqlalchemy import Connection, Engine, create_engine, func
+from sqlalchemy import Connection, Engine, create_engine, event, func
 from sqlalchemy.engine import make_url
 
 from smapq.store.dialects.base import Dialect
@@ -51,6 +51,25 @@ def libpq_url(database: str) -> str:
     return scheme.split("+", 1)[0] + "://" + rest
 
 
+def _durable_commits(dbapi_conn: Any, _record: Any) -> None:
+    """A writer's COMMIT is flushed before it returns, whatever the server's default.
+
+    With ``synchronous_commit = off`` a crash loses the last commits: a claim or an
+    outcome rolled back means the message goes out again (duplicates beyond what was in
+    flight). Only ``off`` is raised to ``on``: ``local``, ``remote_write`` and
+    ``remote_apply`` already flush locally and are the administrator's choice.
+    """
+    cur = dbapi_conn.cursor()
+    try:
+        cur.execute("SELECT current_setting('synchronous_commit')")
+        row = cur.fetchone()
+        if row is not None and row[0] == "off":
+            cur.execute("SET synchronous_commit = on")
+    finally:
+        cur.close()
+    dbapi_conn.commit()  # a SET inside the driver's implicit transaction must stick
+
+
 @contextmanager
 def _read_only_txn(conn: Connection) -> Iterator[None]:
     conn.exec_driver_sql("SET TRANSACTION READ ONLY")
@@ -60,18 +79,22 @@ def _read_only_txn(conn: Connection) -> Iterator[None]:
 class PostgresDialect(Dialect):
     name = "postgresql"
     stable_writes = False
+    ordered_set_aggregates = True
 
     def make_engine(self, database: str, readonly: bool, busy_ms: int, create: bool) -> Engine:
         # busy_ms and create mean nothing here: rows, not the database, are locked,
         # and a database is created by its administrator, not by us.
         # pre_ping: a connection that outlived a server restart is replaced, not used.
-        return create_engine(
+        engine = create_engine(
             database,
             pool_size=4,
             max_overflow=8,
             pool_pre_ping=True,
             connect_args=connect_args(database, readonly),
         )
+        if not readonly:
+            event.listen(engine, "connect", _durable_commits)
+        return engine
 
     def deliverer_session(self, conn: Connection) -> None:
         """Nothing: the server's commit settings stand."""

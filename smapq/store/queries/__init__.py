@@ -78,6 +78,7 @@ from smapq.store.queries.intake import (
     receiver_sql,
 )
 from smapq.store.queries.reports import (
+    LATENCY_FRACTIONS,
     REFUSAL_KINDS,
     SESSION_KINDS,
     guard_operator_sql,
@@ -94,6 +95,7 @@ from smapq.store.queries.reports import (
     report_event_totals,
     report_event_totals_between,
     report_latencies,
+    report_latency_periods,
     report_oldest_waiting,
     report_refused,
     report_refused_counts,
@@ -118,6 +120,7 @@ __all__ = [
     "EVENT_COLUMNS",
     "FINISH_COLUMNS",
     "HOLD_EVENTS",
+    "LATENCY_FRACTIONS",
     "MESSAGE_COLUMNS",
     "RECEIVER_STATEMENTS",
     "RECIPIENT_COLUMNS",
@@ -187,6 +190,7 @@ __all__ = [
     "report_event_totals",
     "report_event_totals_between",
     "report_latencies",
+    "report_latency_periods",
     "report_oldest_waiting",
     "report_refused",
     "report_refused_counts",

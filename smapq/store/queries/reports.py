@@ -320,6 +320,40 @@ def report_sender_totals(
     ]
 
 
+LATENCY_FRACTIONS = (0.5, 0.9, 0.99)
+
+
+def report_latency_periods(
+    conn: Connection, since: float | None, until: float | None, step: int
+) -> list[Sequence[Any]] | None:
+    """(period start, deliveries, p50, p90, p99, max) per ``step`` seconds of delivery
+    time, computed by the server where it can; None where it cannot (SQLite: stream
+    ``report_latencies`` and rank in Python instead).
+
+    PostgreSQL's ``percentile_disc(p)`` is the nearest-rank rule the report uses (the
+    value at rank ceil(p * n), the first for p * n <= 1), so both paths give the same
+    numbers; this one moves 31 rows instead of a million.
+    """
+    dialect = dialect_of(conn)
+    if not dialect.ordered_set_aggregates:
+        return None
+    m = messages.c
+    seconds = m.delivered_at - m.received_at
+    period = dialect.bucket(m.delivered_at, step).label("period")
+    stmt = (
+        select(
+            period,
+            func.count(),
+            *(func.percentile_disc(p).within_group(seconds) for p in LATENCY_FRACTIONS),
+            func.max(seconds),
+        )
+        .where(m.delivered_at.is_not(None), *window(m.delivered_at, since, until))
+        .group_by(period)
+        .order_by(period)
+    )
+    return list(conn.execute(stmt))
+
+
 def report_latencies(
     conn: Connection, since: float | None, until: float | None
 ) -> Iterable[Sequence[Any]]:
@@ -571,7 +605,9 @@ def run_sql(conn: Connection, sql: str) -> tuple[list[str], Iterable[Sequence[An
 
     Returns the column names and the streamed rows (no names: it returns no rows).
     """
-    result = conn.execution_options(stream_results=True).exec_driver_sql(sql)
+    # no_parameters: the text goes to the driver as it is, so a LIKE '%x%' is not
+    # taken for a psycopg placeholder.
+    result = conn.execution_options(stream_results=True, no_parameters=True).exec_driver_sql(sql)
     if not result.returns_rows:
         return [], iter(())
     return list(result.keys()), result
