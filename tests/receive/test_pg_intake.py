@@ -181,6 +181,50 @@ def test_250_comes_only_after_the_commit(
     assert c.cmd(b"QUIT") == R.R221_BYE
 
 
+@pytest.mark.parametrize("kind", TRANSPORTS)
+def test_the_receiver_needs_no_select(
+    rig_factory: Callable[..., Rig], open_dir: Path, pg_url: str, kind: str
+) -> None:
+    """smap and serve as a role that may insert and read nothing (docs/postgresql-intake.md)."""
+    spool = pg_spool(open_dir / "pg", pg_url)  # init as the owner
+    role = f"smap_rx_{os.getpid()}_{kind}"
+    grants = (
+        f"CREATE ROLE {role} LOGIN",
+        f"GRANT INSERT ON messages, recipients, events TO {role}",
+        f"GRANT USAGE ON SEQUENCE messages_id_seq, recipients_id_seq, events_id_seq TO {role}",
+    )
+    with psycopg.connect(libpq_url(pg_url), autocommit=True) as conn:
+        for grant in grants:
+            conn.execute(grant)  # type: ignore[arg-type]
+    url = pg_url.replace("://postgres@", f"://{role}@")
+    spool.table.write_text(spool.table.read_text().replace(pg_url, url))
+    rig = rig_factory(kind=kind, spool=spool)
+    try:
+        ids = session(rig)
+        events_done(lambda sql: query(pg_url, sql), 1)
+        assert [r[0] for r in query(pg_url, "SELECT queue_id FROM messages")] == ids
+        with pytest.raises(psycopg.errors.InsufficientPrivilege):
+            query(url, "SELECT body FROM messages")
+    finally:
+        rig.server.stop()
+        with psycopg.connect(libpq_url(pg_url), autocommit=True) as conn:
+            conn.execute(f"DROP OWNED BY {role}")  # type: ignore[arg-type]
+            conn.execute(f"DROP ROLE {role}")  # type: ignore[arg-type]
+
+
+def test_with_the_jail_off_a_unix_socket_url_works(
+    rig_factory: Callable[..., Rig], open_dir: Path, pg_url: str
+) -> None:
+    if not os.path.exists("/var/run/postgresql/.s.PGSQL.5432"):
+        pytest.skip("the server has no Unix socket in /var/run/postgresql")
+    spool = pg_spool(open_dir / "pg", pg_url, "smap: jail off\n")
+    dbname = pg_url.rsplit("/", 1)[1]
+    url = f"postgresql+psycopg://postgres@/{dbname}?host=/var/run/postgresql"
+    spool.table.write_text(spool.table.read_text().replace(pg_url, url))
+    ids = session(rig_factory(kind="inetd", spool=spool))
+    assert [r[0] for r in query(pg_url, "SELECT queue_id FROM messages")] == ids
+
+
 def unreachable(root: Path, url: str, extra: str = "") -> Spool:
     """A spool whose table names ``url`` (no server there: init could not have run)."""
     spool = make_spool(root, extra, user="nobody" if ROOT else None)
