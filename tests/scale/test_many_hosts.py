@@ -181,8 +181,7 @@ def test_postgres_restart_midrun(cluster: rig.Cluster) -> None:
         f"PostgreSQL crash + restart: probes while down got {codes}; clients retried "
         f"{sum(out.temp.values())} times ({out.temp}); {len(out.acked)} accepted, all in "
         f"the database and delivered; {stored_twice} stored twice (451 for a COMMIT cut off), "
-        f"{duplicates} delivered twice ({in_flight} rows in flight as the crash began; the "
-        "deliverers' claims and outcomes committed asynchronously in it were lost); "
+        f"{duplicates} delivered twice ({in_flight} rows in flight as the crash began); "
         f"{out.acked_during.get('down', 0)} 250s arrived in the down window "
         f"(all found stored)"
     )
