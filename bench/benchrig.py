@@ -228,11 +228,11 @@ class Spool:
 
     def count(self) -> int:
         """Messages stored (any state)."""
-        return int(self.query("SELECT count(*) FROM messages")[0][0])  # type: ignore[call-overload]
+        return int(str(self.query("SELECT count(*) FROM messages")[0][0]))
 
     def sessions(self) -> int:
         """Distinct SMTP sessions that stored a message."""
-        return int(self.query("SELECT count(DISTINCT session_id) FROM messages")[0][0])  # type: ignore[call-overload]
+        return int(str(self.query("SELECT count(DISTINCT session_id) FROM messages")[0][0]))
 
     def states(self) -> dict[str, int]:
         return {
