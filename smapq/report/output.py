@@ -18,6 +18,7 @@ import csv
 import json
 import unicodedata
 from collections.abc import Callable, Iterable, Iterator, Sequence
+from decimal import Decimal
 from itertools import islice
 from typing import Any, TextIO
 
@@ -118,9 +119,19 @@ def write(report: Report, fmt: str, out: TextIO, err: TextIO, width: int = TABLE
 # --- JSON and CSV: raw values -----------------------------------------------------
 
 
+def _number(value: Decimal) -> int | float:
+    """PostgreSQL's numeric (sums, an operator's literal in report sql) as SQLite gives
+    the same value: an integer when it is one that fits 64 bits, else a float."""
+    if value == value.to_integral_value() and abs(value) < 2**63:
+        return int(value)
+    return float(value)
+
+
 def _plain(kind: str, value: Any) -> Any:
     if value is None:
         return None
+    if isinstance(value, Decimal):
+        value = _number(value)
     if kind == "time":
         return iso(float(value))
     if kind in ("duration", "float"):
@@ -185,6 +196,8 @@ def _csv_cell(kind: str, value: Any) -> Any:
 def cell(kind: str, value: Any) -> str:
     if value is None:
         return "-"
+    if isinstance(value, Decimal):
+        value = _number(value)
     if kind == "time":
         return short_time(float(value))
     if kind == "duration":
