@@ -348,8 +348,10 @@ def test_kill_9_under_load_loses_nothing_that_got_250(rig_factory: Callable[...,
     rng = random.Random(8)
     kills = 0
     try:
-        deadline = time.monotonic() + 6
-        while time.monotonic() < deadline:
+        # At least 6 s and 5 kills: on a loaded machine a replaced worker may take a
+        # while to come back, so the kills are counted, not the seconds.
+        start = time.monotonic()
+        while time.monotonic() - start < 6 or (kills < 5 and time.monotonic() - start < 60):
             time.sleep(rng.uniform(0.2, 0.8))
             pids = rig.server.children(running=True)
             if pids:
