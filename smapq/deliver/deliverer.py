@@ -62,6 +62,7 @@ from sqlalchemy.exc import DBAPIError
 
 from smapq.config.settings import SmapdSettings
 from smapq.deliver import baddir, policy
+from smapq.deliver.inbox import Inbox
 from smapq.deliver.jobs import RELEASE, Job, Tally, Verdict, new_owner
 from smapq.deliver.leases import Leases
 from smapq.deliver.outcomes import Plan, Recorder
@@ -134,7 +135,7 @@ class Deliverer:
         self.owner = owner or new_owner()
         self.tally = Tally()
         self.signals = SignalPipe()
-        self.results: queue.SimpleQueue[tuple[Job, Verdict]] = queue.SimpleQueue()
+        self.results: Inbox[tuple[Job, Verdict]] = Inbox()
         self.workers = Workers(self.results, log)
         self.leases = Leases(self.owner, log, self.tally, self._damaged)
         self.recorder = Recorder(log, self.tally, self._finished, self._given_up)
@@ -178,6 +179,8 @@ class Deliverer:
                     self._conn.close()
         finally:
             self.signals.restore()
+            if not self.workers.alive():  # a live worker may still ring the doorbell
+                self.results.close()
         return self.tally
 
     # --- the fault policy -------------------------------------------------------------
@@ -326,12 +329,10 @@ class Deliverer:
         return later if due is None else max(now, min(later, due))
 
     def _wait(self, timeout: float) -> bool:
-        """Sleep until a worker reports or ``timeout``; True if a slot was freed."""
-        try:
-            job, verdict = self.results.get(timeout=timeout)
-        except queue.Empty:
-            return False
-        return self.recorder.add(self.conn, job, verdict)
+        """Sleep until a worker reports, a signal comes or ``timeout``; True if a slot
+        was freed. (Not ``SimpleQueue.get(timeout=...)``: see inbox.py.)"""
+        self.results.wait(timeout, self.signals.fileno())
+        return self._drain()
 
     def _drain(self) -> bool:
         """Record every verdict waiting; True if a slot was freed."""

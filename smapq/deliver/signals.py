@@ -8,7 +8,11 @@ pipe at once, whichever thread took it; the loop polls the pipe every tick, and
 ``wait`` sleeps on it, so a stop request ends even a long back-off at once.
 
 service.run blocks these signals until ``install``; one that came meanwhile is
-delivered when ``install`` unblocks them.
+delivered when ``install`` unblocks them. ``restore`` puts the signal mask back first,
+so in service.run a stop request that comes after the loop has returned stays
+pending (the process is stopping anyway) instead of meeting the dispositions the
+process started with (SIGTERM's default kills it, SIGINT's raises KeyboardInterrupt:
+no exit status 0 after an orderly stop).
 """
 
 from __future__ import annotations
@@ -36,6 +40,7 @@ class SignalPipe:
         self._pipe: tuple[int, int] | None = None
         self._old_wakeup = -1
         self._old: dict[int, Any] = {}
+        self._old_mask: set[int | signal.Signals] | None = None
 
     def install(self) -> None:
         if threading.current_thread() is not threading.main_thread():
@@ -47,9 +52,16 @@ class SignalPipe:
         self._old_wakeup = signal.set_wakeup_fd(write_fd, warn_on_full_buffer=False)
         for signum in HANDLED:
             self._old[signum] = signal.signal(signum, _noted)
-        signal.pthread_sigmask(signal.SIG_UNBLOCK, HANDLED)
+        self._old_mask = signal.pthread_sigmask(signal.SIG_UNBLOCK, HANDLED)
+
+    def fileno(self) -> int | None:
+        """The pipe a signal makes readable (None when not installed)."""
+        return None if self._pipe is None else self._pipe[0]
 
     def restore(self) -> None:
+        if self._old_mask is not None:
+            signal.pthread_sigmask(signal.SIG_SETMASK, self._old_mask)
+            self._old_mask = None
         for signum, handler in self._old.items():
             signal.signal(signum, handler)
         self._old = {}

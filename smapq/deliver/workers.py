@@ -20,6 +20,7 @@ import queue
 import threading
 
 from smapq.deliver import child, command, policy
+from smapq.deliver.inbox import Inbox
 from smapq.deliver.jobs import RELEASE, SENT, Job, Verdict
 
 DAMAGED_BODY = "body damaged in the queue database (sha256 mismatch): not sent"
@@ -28,7 +29,7 @@ DAMAGED_BODY = "body damaged in the queue database (sha256 mismatch): not sent"
 class Workers:
     """A pool of threads fed through ``jobs``; verdicts go to ``results``."""
 
-    def __init__(self, results: queue.SimpleQueue[tuple[Job, Verdict]], log: logging.Logger):
+    def __init__(self, results: Inbox[tuple[Job, Verdict]], log: logging.Logger):
         self.results = results
         self.log = log
         self.jobs: queue.SimpleQueue[Job | None] = queue.SimpleQueue()
@@ -78,7 +79,7 @@ class Workers:
             self.results.put((job, verdict))
 
 
-def deliver(job: Job, results: queue.SimpleQueue[tuple[Job, Verdict]]) -> Verdict:
+def deliver(job: Job, results: Inbox[tuple[Job, Verdict]]) -> Verdict:
     """Run sendmail for every unsent recipient of ``job``; the final verdict."""
     s = job.settings
     addresses = [a for _, a in job.rcpts]
