@@ -160,14 +160,41 @@ class Queue:
     def deliver(self, *args: str, check: bool = False) -> subprocess.CompletedProcess[str]:
         return self.spool.smapq("deliver", "--once", *args, check=check)
 
-    def start_daemon(self, *args: str) -> subprocess.Popen[str]:
-        return subprocess.Popen(
+    def start_daemon(self, *args: str, sigint_ignored: bool = False) -> subprocess.Popen[str]:
+        """``smapq deliver --daemon``; ``sigint_ignored``: started with SIGINT (and
+        SIGQUIT) ignored, as a non-interactive shell starts a background job."""
+        return spawn(
             [program("smapq"), "-t", str(self.spool.table), "deliver", "--daemon", *args],
-            stdout=subprocess.PIPE,
-            stderr=subprocess.PIPE,
-            text=True,
-            env={**os.environ, "PYTHONFAULTHANDLER": "1"},
+            sigint_ignored=sigint_ignored,
         )
+
+
+def spawn(
+    argv: list[str], sigint_ignored: bool = False, env: dict[str, str] | None = None
+) -> subprocess.Popen[str]:
+    """A daemon with its log on a pipe; the shell's ``trap`` (then ``exec``) hands it
+    SIGINT ignored, the disposition ``cmd &`` gives in a non-interactive sh."""
+    if sigint_ignored:
+        argv = ["/bin/sh", "-c", 'trap "" INT QUIT; exec "$0" "$@"', *argv]
+    return subprocess.Popen(
+        argv,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+        env={**(env or os.environ), "PYTHONFAULTHANDLER": "1"},
+    )
+
+
+def signal_while_stalled(proc: subprocess.Popen[str], sig: int, stall: float = 0.1) -> None:
+    """Send ``sig`` while the daemon is stopped, and let it go on ``stall`` seconds
+    later: it handles the signal as a process the scheduler left waiting on a loaded
+    machine does, after the deadline of whatever wait the signal interrupted."""
+    proc.send_signal(signal.SIGSTOP)
+    try:
+        proc.send_signal(sig)
+        time.sleep(stall)
+    finally:
+        proc.send_signal(signal.SIGCONT)
 
 
 def make_queue(root: Path, sendmail: str, extra: str = "", user: str | None = None) -> Queue:
@@ -188,9 +215,11 @@ def wait_for(predicate: Callable[[], Any], timeout: float = 60.0, what: str = ""
         time.sleep(0.02)
 
 
-def stop(proc: subprocess.Popen[str], sig: int = signal.SIGTERM) -> tuple[int, str]:
-    """Signal a daemon and collect its exit status and log; a hang dumps its threads."""
-    proc.send_signal(sig)
+def stop(proc: subprocess.Popen[str], sig: int | None = signal.SIGTERM) -> tuple[int, str]:
+    """Signal a daemon (``None``: it was signalled already) and collect its exit status
+    and log; a hang dumps its threads."""
+    if sig is not None:
+        proc.send_signal(sig)
     try:
         _, err = proc.communicate(timeout=60)
     except subprocess.TimeoutExpired:
