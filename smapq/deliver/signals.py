@@ -4,8 +4,10 @@ Purpose: signals are read from a pipe (``signal.set_wakeup_fd``), not acted on i
 Python handlers: CPython runs handlers only in the main thread, and a signal the
 kernel hands to a worker thread can sit unnoticed while the main thread waits (seen
 as a lost SIGTERM under load). The C-level handler writes the signal number to the
-pipe at once, whichever thread took it; the loop polls the pipe every tick, and
-``wait`` sleeps on it, so a stop request ends even a long back-off at once.
+pipe at once, whichever thread took it; the loop polls the pipe every tick and
+sleeps on it between passes (inbox.py), and ``wait`` sleeps on it, so a stop request
+ends even a long back-off at once. (The loss once blamed on a worker thread taking the
+signal was most likely the main thread stuck in ``SimpleQueue.get``: see inbox.py.)
 
 service.run blocks these signals until ``install``; one that came meanwhile is
 delivered when ``install`` unblocks them. ``restore`` puts the signal mask back first,
