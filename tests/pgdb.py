@@ -4,10 +4,18 @@ The server is the one ``.ci/run`` starts: 127.0.0.1:5432, trust auth, user postg
 (override with SMAPQ_TEST_PG, a libpq conninfo URL to the maintenance database).  Every
 caller gets a database of its own, named ``smapq_t_<pid>_<n>``, dropped when done, so
 tests and parallel runs never share a queue.
+
+A queue that only needs to exist (a spool's database, ``pg_queue``) is a fresh database
+copied from a template (CREATE DATABASE ... TEMPLATE): ``smapq init`` migrates the
+template once per pytest process instead of once per test.  The template is that
+process's own (``smapq_tpl_<pid>_<digest of the installed migrations>``), made on first
+use from the migrations installed now and dropped at exit, so a changed migration is
+never served from an old copy and parallel runs never share or race for one.
 """
 
 from __future__ import annotations
 
+import atexit
 import itertools
 import os
 from collections.abc import Iterator
@@ -15,6 +23,8 @@ from contextlib import contextmanager
 
 import psycopg
 from psycopg import sql
+
+from tests.spooldb import migrations_digest
 
 ADMIN = os.environ.get("SMAPQ_TEST_PG", "postgresql://postgres@127.0.0.1:5432/postgres")
 _serial = itertools.count()
@@ -30,13 +40,20 @@ def libpq_url(sqlalchemy_url: str) -> str:
     return "postgresql://" + sqlalchemy_url.split("://", 1)[1]
 
 
-def create_database() -> str:
-    """Create an empty database; return its libpq URL."""
-    name = f"smapq_t_{os.getpid()}_{next(_serial)}"
+def _url(name: str) -> str:
+    return ADMIN.rsplit("/", 1)[0] + "/" + name
+
+
+def create_database(template: str | None = None, name: str | None = None) -> str:
+    """Create an empty database (a copy of ``template``, if given); its libpq URL."""
+    name = name or f"smapq_t_{os.getpid()}_{next(_serial)}"
+    create = sql.SQL("CREATE DATABASE {}").format(sql.Identifier(name))
+    if template is not None:
+        create += sql.SQL(" TEMPLATE {}").format(sql.Identifier(template))
     with psycopg.connect(ADMIN, autocommit=True) as conn:
         conn.execute(sql.SQL("DROP DATABASE IF EXISTS {}").format(sql.Identifier(name)))
-        conn.execute(sql.SQL("CREATE DATABASE {}").format(sql.Identifier(name)))
-    return ADMIN.rsplit("/", 1)[0] + "/" + name
+        conn.execute(create)
+    return _url(name)
 
 
 def drop_database(libpq_url: str) -> None:
@@ -47,10 +64,34 @@ def drop_database(libpq_url: str) -> None:
         )
 
 
+_templates: dict[str, str] = {}  # this process's template: digest -> database name
+
+
+def migrated_template() -> str:
+    """The name of this process's template database: the queue's tables at head."""
+    digest = migrations_digest()
+    if digest not in _templates:
+        url = create_database(name=f"smapq_tpl_{os.getpid()}_{digest}")
+        try:
+            create_schema(sqlalchemy_url(url))
+        except BaseException:
+            drop_database(url)
+            raise
+        _templates[digest] = url.rsplit("/", 1)[1]
+        atexit.register(_drop_if_mine, url, os.getpid())
+    return _templates[digest]
+
+
+def _drop_if_mine(libpq_url: str, pid: int) -> None:
+    if os.getpid() == pid:  # not in a forked child that inherited the exit hook
+        drop_database(libpq_url)
+
+
 @contextmanager
-def fresh_database() -> Iterator[str]:
-    """A new empty database for the block; yields its SQLAlchemy URL."""
-    url = create_database()
+def fresh_database(migrated: bool = False) -> Iterator[str]:
+    """A new database for the block, empty or (``migrated``) holding the queue's tables
+    as ``smapq init`` makes them; yields its SQLAlchemy URL."""
+    url = create_database(migrated_template() if migrated else None)
     try:
         yield sqlalchemy_url(url)
     finally:
