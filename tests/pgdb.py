@@ -11,6 +11,11 @@ template once per pytest process instead of once per test.  The template is that
 process's own (``smapq_tpl_<pid>_<digest of the installed migrations>``), made on first
 use from the migrations installed now and dropped at exit, so a changed migration is
 never served from an old copy and parallel runs never share or race for one.
+
+A finished test's database is dropped on a thread of this process's own while the
+next test runs: DROP DATABASE waits for a checkpoint of the whole server (a second or
+more while other work writes to it), which no test needs to wait for.  The process
+waits for every drop before it exits.
 """
 
 from __future__ import annotations
@@ -18,6 +23,9 @@ from __future__ import annotations
 import atexit
 import itertools
 import os
+import queue
+import sys
+import threading
 from collections.abc import Iterator
 from contextlib import contextmanager
 
@@ -82,6 +90,42 @@ def migrated_template() -> str:
     return _templates[digest]
 
 
+class _Dropper:
+    """Drops databases in the order given, on a daemon thread; ``wait`` for them all."""
+
+    def __init__(self) -> None:
+        self._queue: queue.Queue[str] = queue.Queue()
+        self._lock = threading.Lock()
+        self._thread: threading.Thread | None = None
+        self._pid = 0
+
+    def put(self, libpq_url: str) -> None:
+        with self._lock:
+            if self._thread is None or self._pid != os.getpid():
+                self._thread = threading.Thread(target=self._run, name="pgdb-drop", daemon=True)
+                self._thread.start()
+                self._pid = os.getpid()
+                atexit.register(self.wait)
+        self._queue.put(libpq_url)
+
+    def _run(self) -> None:
+        while True:
+            url = self._queue.get()
+            try:
+                drop_database(url)
+            except Exception as exc:  # a leftover database, not a test's failure
+                print(f"tests/pgdb.py: could not drop {url}: {exc}", file=sys.stderr)
+            finally:
+                self._queue.task_done()
+
+    def wait(self) -> None:
+        if self._pid == os.getpid():
+            self._queue.join()
+
+
+_dropper = _Dropper()
+
+
 def _drop_if_mine(libpq_url: str, pid: int) -> None:
     if os.getpid() == pid:  # not in a forked child that inherited the exit hook
         drop_database(libpq_url)
@@ -95,7 +139,7 @@ def fresh_database(migrated: bool = False) -> Iterator[str]:
     try:
         yield sqlalchemy_url(url)
     finally:
-        drop_database(url)
+        _dropper.put(url)
 
 
 def create_schema(url: str) -> None:
