@@ -9,16 +9,17 @@ given wins.
 from __future__ import annotations
 
 import os
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import click
-from sqlalchemy import Engine
 
 from smapq.config.netperm import table_path
 from smapq.config.settings import Config, load
 from smapq.errors import EX_IOERR, SmapqError, UsageError
 from smapq.store import damage, verify
-from smapq.store.engine import make_engine
+
+if TYPE_CHECKING:
+    from sqlalchemy import Engine
 
 TABLE_HELP = "netperm-table to read [env SMAPQ_TABLE; default /usr/local/etc/netperm-table]"
 
@@ -73,6 +74,10 @@ class State:
         Only ``smapq init`` creates it (with the owner and mode the table asks for), so
         a missing file is one line here, not a traceback or a new empty database.
         """
+        # Imported here: SQLAlchemy is most of a command's start-up, and only the
+        # commands that open the queue need it (smapq --help, serve, receive do not).
+        from smapq.store.engine import make_engine  # noqa: PLC0415
+
         smap = self.config.smap
         if smap.database_is_url:
             return make_engine(smap.database, readonly=readonly)

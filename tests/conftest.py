@@ -18,9 +18,9 @@ postgresql+psycopg://...``; on SQLite the spool's file is the database.
 Which backends run: ``pytest --backend sqlite|postgresql|both`` (or
 ``SMAPQ_TEST_BACKEND``); the default is both, as in CI.  ``--backend postgresql``
 runs the ``[postgresql]`` halves and the tests of PostgreSQL alone (marked
-``postgres``, or on a ``pg_url`` database); ``--backend sqlite`` runs everything else
-(the ``[sqlite]`` halves, the SQLite-only tests, and those that touch no database), so
-the two runs together are exactly ``both``.
+``postgres``, or on a ``pg_url`` or ``pg_queue`` database); ``--backend sqlite`` runs
+everything else (the ``[sqlite]`` halves, the SQLite-only tests, and those that touch
+no database), so the two runs together are exactly ``both``.
 
 Assertions on the queue go through ``Spool.query`` / ``Spool.scalar`` /
 ``Spool.execute`` (SQLAlchemy ``text()`` with ``:named`` parameters), so the same
@@ -94,12 +94,13 @@ def pytest_generate_tests(metafunc: pytest.Metafunc) -> None:
 
 def needs_postgresql(item: pytest.Item) -> bool:
     """The ``[postgresql]`` half of a parametrised test, or a test of PostgreSQL alone
-    (marked ``postgres``, or on a ``pg_url`` database)."""
+    (marked ``postgres``, or on a ``pg_url`` or ``pg_queue`` database)."""
     callspec = getattr(item, "callspec", None)
     if callspec is not None and callspec.params.get("backend") == "postgresql":
         return True
     names = getattr(item, "fixturenames", ())
-    return item.get_closest_marker("postgres") is not None or "pg_url" in names
+    on_server = "pg_url" in names or "pg_queue" in names
+    return item.get_closest_marker("postgres") is not None or on_server
 
 
 def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
@@ -140,14 +141,15 @@ class Backend:
     def postgresql(self) -> bool:
         return self.name == "postgresql"
 
-    def database(self) -> str | None:
-        """A new empty database's URL on PostgreSQL (dropped after the test); None on
-        SQLite, where the spool's file is the database."""
+    def database(self, migrated: bool = False) -> str | None:
+        """A new database's URL on PostgreSQL (dropped after the test), empty or
+        (``migrated``) holding the queue's tables; None on SQLite, where the spool's
+        file is the database."""
         if not self.postgresql:
             return None
         from tests.pgdb import fresh_database
 
-        return self._stack.enter_context(fresh_database())
+        return self._stack.enter_context(fresh_database(migrated))
 
     def close(self) -> None:
         self._stack.close()
@@ -235,17 +237,27 @@ class Spool:
 
 
 def make_spool(
-    root: Path, extra: str = "", user: str | None = None, backend: Backend | None = None
+    root: Path,
+    extra: str = "",
+    user: str | None = None,
+    backend: Backend | None = None,
+    *,
+    cli_init: bool = False,
 ) -> Spool:
-    """Write a table for a spool under ``root`` and run ``smapq init`` on it.
+    """Write a table for a spool under ``root`` and initialise it as ``smapq init`` does.
 
     Without ``user`` the spool belongs to the invoking user and the receiver's jail is
     off (works unprivileged); with ``user`` (root only) smap and smapd run as that user
     and smap chroots.  The queue is on ``backend``, by default the running test's
     (SQLite for a test that is not parametrised by backend).
+
+    The spool is made by the installed engine's ``smapq.spool.init`` in this process,
+    from a queue database that already holds the tables (a copy of a migrated file or
+    template database, see ``_init_spool``); a test about ``smapq init`` itself passes
+    ``cli_init=True`` to run the installed ``smapq init`` on an empty database instead.
     """
     backend = backend or (_running[-1] if _running else None)
-    database = backend.database() if backend is not None else None
+    database = backend.database(migrated=not cli_init) if backend is not None else None
     lines = [f"smap, smapd: directory {root / 'spool'}", f"smapd: baddir {root / 'bad'}"]
     if database:
         lines.append(f"smap, smapd: database {database}")
@@ -255,8 +267,28 @@ def make_spool(
         lines.append("smap: jail off")
     table = write_table(root / "netperm-table", "\n".join(lines) + "\n" + extra)
     spool = Spool(root, table, database)
-    spool.smapq("init")
+    if cli_init:
+        spool.smapq("init")
+    else:
+        _init_spool(table)
     return spool
+
+
+def _init_spool(table: Path) -> None:
+    """What ``smapq -t table init`` does, without a process start (~0.5 s of CPU, most of
+    it importing) or migrations per spool: a SQLite queue file about to be created is
+    copied from one migrated once per session (tests/spooldb.py) into the spool, then
+    ``smapq.spool.init`` -- the engine under ``smapq init`` -- makes the directories and
+    sets every owner and mode as it would, and finds the schema current."""
+    from smapq import spool as engine_spool
+    from smapq.config.settings import load
+    from tests.spooldb import place_migrated_file
+
+    config = load(str(table))
+    engine_spool.check(engine_spool.plan(config))
+    if not config.smap.database_is_url:
+        place_migrated_file(config.smap.directory, config.smap.database_path)
+    engine_spool.init(config)
 
 
 @pytest.fixture
@@ -298,9 +330,10 @@ def pg_url() -> Iterator[str]:
 
 
 @pytest.fixture
-def pg_queue(pg_url: str) -> str:
-    """A fresh database on the real PostgreSQL server holding the queue's empty tables."""
-    from tests.pgdb import create_schema
+def pg_queue() -> Iterator[str]:
+    """A fresh database on the real PostgreSQL server holding the queue's empty tables
+    (a copy of a template that ``smapq init`` migrated, see tests/pgdb.py)."""
+    from tests.pgdb import fresh_database
 
-    create_schema(pg_url)
-    return pg_url
+    with fresh_database(migrated=True) as url:
+        yield url

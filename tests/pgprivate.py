@@ -9,7 +9,9 @@ while clients hold connections.  Usable as a context manager; ``destroy()`` stop
 and removes its directory.  Needs root (to run as ``postgres``) or to be run as
 ``postgres``; CI runs as root.
 
-Also used by the scale benchmark (bench/) and branch pgscale's restart tests.
+Also used by the scale benchmark (bench/), and the base of the many-hosts rig's server
+(tests/scale/rig.py: ``listen`` on its bridge, ``hba`` for its subnet, its own
+``directory``).
 """
 
 from __future__ import annotations
@@ -20,6 +22,7 @@ import shutil
 import subprocess
 import tempfile
 import time
+from collections.abc import Sequence
 from pathlib import Path
 from types import TracebackType
 
@@ -68,8 +71,22 @@ def _as_owner(argv: list[str], check: bool = True) -> subprocess.CompletedProces
 class PrivateServer:
     """A PostgreSQL cluster of the test's own; see the module docstring."""
 
-    def __init__(self, settings: dict[str, str] | None = None) -> None:
-        self.dir = Path(tempfile.mkdtemp(prefix="smapq-pg-"))
+    def __init__(
+        self,
+        settings: dict[str, str] | None = None,
+        *,
+        listen: str = "127.0.0.1",
+        directory: Path | None = None,
+        hba: Sequence[str] = (),
+    ) -> None:
+        """``settings`` go to postgresql.conf; ``hba`` lines are added to pg_hba.conf;
+        ``directory`` (made if missing) instead of a new temporary one."""
+        if directory is None:
+            self.dir = Path(tempfile.mkdtemp(prefix="smapq-pg-"))
+        else:
+            directory.mkdir(parents=True, exist_ok=True)
+            self.dir = directory
+        self.listen = listen
         self.data = self.dir / "data"
         self.sockets = self.dir / "run"
         self.log = self.dir / "server.log"
@@ -82,7 +99,7 @@ class PrivateServer:
         initdb = [str(PG_BIN / "initdb"), "-D", str(self.data), "-A", "trust", "-U", OWNER]
         _as_owner([*initdb, "-E", "UTF8", "-N"])  # -N: no fsync of a throw-away cluster
         conf = {
-            "listen_addresses": "'127.0.0.1'",
+            "listen_addresses": f"'{listen}'",
             "port": str(self.port),
             "unix_socket_directories": f"'{self.sockets}'",
             "fsync": "on",
@@ -92,15 +109,17 @@ class PrivateServer:
         }
         with (self.data / "postgresql.conf").open("a") as f:
             f.writelines(f"{key} = {value}\n" for key, value in conf.items())
+        with (self.data / "pg_hba.conf").open("a") as f:
+            f.writelines(f"{line}\n" for line in hba)
         self.start()
 
     # --- URLs ---
     def libpq_url(self, dbname: str = "postgres") -> str:
-        return f"postgresql://{OWNER}@127.0.0.1:{self.port}/{dbname}"
+        return f"postgresql://{OWNER}@{self.listen}:{self.port}/{dbname}"
 
     def url(self, dbname: str = "postgres") -> str:
         """The SQLAlchemy URL (psycopg 3 driver), as ``smap: database`` takes it."""
-        return f"postgresql+psycopg://{OWNER}@127.0.0.1:{self.port}/{dbname}"
+        return f"postgresql+psycopg://{OWNER}@{self.listen}:{self.port}/{dbname}"
 
     def socket_url(self, dbname: str = "postgres") -> str:
         """The same database through the Unix socket."""

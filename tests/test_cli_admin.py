@@ -11,7 +11,7 @@ from pathlib import Path
 
 import pytest
 
-from tests.conftest import Spool, make_spool, program, root_only, write_table
+from tests.conftest import Backend, Spool, make_spool, program, root_only, write_table
 
 
 def run(table: Path, *args: str, user: str | None = None) -> subprocess.CompletedProcess[str]:
@@ -30,7 +30,10 @@ def one_line_error(proc: subprocess.CompletedProcess[str], code: int, fragment: 
     assert "Traceback" not in proc.stderr
 
 
-def test_init_creates_spool_baddir_and_database_then_is_idempotent(spool: Spool) -> None:
+def test_init_creates_spool_baddir_and_database_then_is_idempotent(
+    tmp_path: Path, backend: Backend
+) -> None:
+    spool = make_spool(tmp_path, backend=backend, cli_init=True)
     for d in (spool.directory, spool.baddir):
         assert stat.S_IMODE(d.stat().st_mode) == 0o700
     if not spool.database:  # the SQLite file; PostgreSQL's files are the server's
@@ -54,7 +57,7 @@ def test_init_repairs_modes(spool: Spool) -> None:
 @root_only
 @pytest.mark.privileged
 def test_init_as_root_gives_the_spool_to_the_smap_user(open_dir: Path) -> None:
-    spool = make_spool(open_dir, user="nobody")
+    spool = make_spool(open_dir, user="nobody", cli_init=True)
     nobody = pwd.getpwnam("nobody")
     for path in (spool.directory, spool.baddir, spool.db):
         st = path.stat()

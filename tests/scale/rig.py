@@ -37,11 +37,12 @@ import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
 
+from tests.pgprivate import PG_BIN, PrivateServer
 from tests.receive.superserver import free_port
 
 BIN = Path(sys.executable).parent
 SMAPQ = str(BIN / "smapq")
-PGBIN = Path("/usr/lib/postgresql/15/bin")
+PGBIN = PG_BIN
 PREFIX = "sqs"  # names of our namespaces and links: sqs<tag>h<i>, sqs<tag>v<i>, sqs<tag>b
 START_TIMEOUT = 60.0
 _POLL = 0.02
@@ -198,8 +199,8 @@ class Net:
 # --- a private PostgreSQL -----------------------------------------------------------------
 
 
-class PrivatePostgres:
-    """initdb + pg_ctl as ``postgres`` in a directory of our own, on our own port.
+class PrivatePostgres(PrivateServer):
+    """The rig's server: tests/pgprivate.py's, listening on the bridge address.
 
     ``settings`` go to postgresql.conf. Trust authentication for the rig's subnet and
     loopback only. The database ``smapq`` is created empty.
@@ -211,70 +212,22 @@ class PrivatePostgres:
         if not (PGBIN / "initdb").exists():
             raise RigError(f"no {PGBIN}/initdb (postgresql-15)")
         self.workdir = workdir
-        self.listen = listen
-        self.data = workdir / "pgdata"
-        self.sockets = workdir / "pgsock"
-        self.log = workdir / "postgres.log"
-        self.port = free_port()
-        for path in (self.workdir, self.sockets):
-            path.mkdir(parents=True, exist_ok=True)
-        shutil.chown(self.sockets, "postgres", "postgres")
-        self.log.touch()
-        shutil.chown(self.log, "postgres", "postgres")
-        self.data.mkdir(mode=0o700)
-        shutil.chown(self.data, "postgres", "postgres")
-        self._as_postgres(
-            [
-                str(PGBIN / "initdb"),
-                "-D",
-                str(self.data),
-                "-A",
-                "trust",
-                "-U",
-                "postgres",
-                "-E",
-                "UTF8",
-                "--no-sync",
-            ]
-        )
-        conf = {
-            "listen_addresses": f"'{listen}'",
-            "port": str(self.port),
-            "unix_socket_directories": f"'{self.sockets}'",
-            "max_connections": "200",
-            **(settings or {}),
-        }
-        with (self.data / "postgresql.conf").open("a") as fh:
-            fh.write("".join(f"{k} = {v}\n" for k, v in conf.items()))
-        with (self.data / "pg_hba.conf").open("a") as fh:
-            fh.write(f"host all all {listen}/24 trust\nhost all all 127.0.0.1/32 trust\n")
+        try:
+            super().__init__(
+                # PostgreSQL's own shared_buffers, not pgprivate's small one: the crash
+                # scenario counts on dirty pages staying in memory.
+                {"max_connections": "200", "shared_buffers": "128MB", **(settings or {})},
+                listen=listen,
+                directory=workdir,
+                hba=(f"host all all {listen}/24 trust", "host all all 127.0.0.1/32 trust"),
+            )
+        except subprocess.CalledProcessError as exc:
+            why = (exc.stderr or "").strip().splitlines() or ["no message"]
+            raise RigError(
+                f"{' '.join(exc.cmd[:3])} failed ({exc.returncode}): {why[-1]}"
+            ) from exc
         atexit.register(self.close)
-        self.start()
         self.admin("CREATE DATABASE smapq")
-
-    def _as_postgres(self, argv: list[str]) -> None:
-        _run(["runuser", "-u", "postgres", "--", *argv])
-
-    def start(self) -> None:
-        self._as_postgres(
-            [
-                str(PGBIN / "pg_ctl"),
-                "-D",
-                str(self.data),
-                "-l",
-                str(self.log),
-                "-w",
-                "-t",
-                "60",
-                "start",
-            ]
-        )
-
-    def stop(self, mode: str = "fast") -> None:
-        """``mode`` immediate is a crash: no checkpoint, WAL replay at the next start."""
-        self._as_postgres(
-            [str(PGBIN / "pg_ctl"), "-D", str(self.data), "-m", mode, "-w", "-t", "60", "stop"]
-        )
 
     def child(self, title: str) -> int:
         """The pid of the server process titled ``postgres: TITLE`` (e.g. walwriter)."""
@@ -318,21 +271,12 @@ class PrivatePostgres:
         if stopper.wait(90) != 0:
             raise RigError(f"pg_ctl stop -m immediate failed; see {self.log}")
 
-    def running(self) -> bool:
-        # As postgres: pg_ctl refuses to run as root, which would read as "not running".
-        done = _run(
-            ["runuser", "-u", "postgres", "--", str(PGBIN / "pg_ctl"), "-D", str(self.data),
-             "status"],
-            check=False,
-        )  # fmt: skip
-        return done.returncode == 0
-
     def libpq(self, db: str = "smapq") -> str:
-        return f"postgresql://postgres@{self.listen}:{self.port}/{db}"
+        return self.libpq_url(db)
 
-    def url(self, db: str = "smapq") -> str:
+    def url(self, dbname: str = "smapq") -> str:
         """The SQLAlchemy URL the netperm-tables name."""
-        return f"postgresql+psycopg://postgres@{self.listen}:{self.port}/{db}"
+        return super().url(dbname)
 
     def admin(self, statement: str) -> None:
         import psycopg
@@ -341,8 +285,9 @@ class PrivatePostgres:
             conn.execute(statement)
 
     def close(self) -> None:
+        """Stop it (a crash: nothing to keep); the rig removes its directory."""
         if self.data.exists() and self.running():
-            with contextlib.suppress(RigError):
+            with contextlib.suppress(subprocess.CalledProcessError):
                 self.stop("immediate")
 
 

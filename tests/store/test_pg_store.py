@@ -162,7 +162,7 @@ def test_no_migration_is_missing_on_postgresql(engine: Engine) -> None:
 
 
 def test_init_and_the_db_verbs_on_postgresql(tmp_path: Path, pg_url: str) -> None:
-    spool = make_spool(tmp_path, extra=f"smap, smapd: database {pg_url}\n")
+    spool = make_spool(tmp_path, extra=f"smap, smapd: database {pg_url}\n", cli_init=True)
     assert spool.smapq("db", "current").stdout.strip() == "0001"
     assert "is current" in spool.smapq("db", "check").stdout
     again = spool.smapq("init")
