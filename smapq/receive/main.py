@@ -382,6 +382,10 @@ class InetdReceiver:
         if self.closed_fds:
             return
         self.closed_fds = True
+        if self.tls is not None and linger and not self.stalled:
+            # Postfix's smtpd and serve end TLS with close_notify too; without it an
+            # OpenSSL 3 client reports "unexpected eof" after our 221.
+            self.write(self.tls.close_notify(), raw=True)
         import _socket  # noqa: PLC0415  (C module; only needed at the very end)
 
         try:
