@@ -52,6 +52,7 @@ __all__ = [
     "Spool",
     "add_rig_options",
     "free_port",
+    "make_certs",
     "make_spool",
     "probe",
     "serve_available",
@@ -273,6 +274,25 @@ def make_spool(root: Path, extra: str = "", sendmail: str | None = None) -> Spoo
         why = (done.stderr.strip().splitlines() or ["no message"])[-1]
         raise RigError(f"smapq init failed ({done.returncode}): {why}")
     return spool
+
+
+def make_certs(directory: Path, name: str = "bench.smapq.invalid") -> tuple[Path, Path]:
+    """A self-signed EC P-256 certificate and its key (0600) under ``directory``.
+
+    One pair serves every TLS target of a bench (smap, serve, Postfix), so the
+    handshakes compared use the same certificate and key type.
+    """
+    directory.mkdir(parents=True, exist_ok=True)
+    cert, key = directory / "cert.pem", directory / "key.pem"
+    argv = ["openssl", "req", "-x509", "-newkey", "ec", "-pkeyopt", "ec_paramgen_curve:P-256"]
+    argv += ["-nodes", "-days", "2", "-subj", f"/CN={name}", "-keyout", str(key)]
+    done = subprocess.run([*argv, "-out", str(cert)], capture_output=True, text=True, check=False)
+    if done.returncode != 0:
+        why = (done.stderr.strip().splitlines() or ["no message"])[-1]
+        raise RigError(f"openssl req failed ({done.returncode}): {why}")
+    key.chmod(0o600)
+    cert.chmod(0o644)
+    return cert, key
 
 
 def standin_sendmail(directory: Path) -> str:

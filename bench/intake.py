@@ -24,18 +24,24 @@ checked: rows in the smapq database, files in Postfix's hold queue (and none in 
 other queue).  A lost message fails the bench (exit 1).
 
 TLS rows (``--tls``, issue 12): the same rounds with STARTTLS.  smtp-source has no TLS,
-so the load is bench/tls_source.py (forked Python clients with ``ssl``, the same
-shape: S sessions, a new connection per message, 2 KB bodies, EHLO -> STARTTLS ->
-EHLO -> MAIL -> RCPT -> DATA -> QUIT); one self-signed EC P-256 certificate and key
-serve every target.  Targets: ``serve`` and ``inetd`` with ``smap: tlscert/tlskey``,
-``postfix`` with smtpd_tls_cert_file/key_file (security level may, TLS 1.2+, tlsmgr,
-its default session tickets), and ``serve-plain``/``postfix-plain``: the same client
-without STARTTLS, so that (CPU/msg with TLS - CPU/msg without) / CPU/msg with TLS is
-the handshake's share of the server's CPU per message.  The generator's own CPU per
-message is reported: its ceiling is about 2 cores / that, since it shares the
-machine's 2 cores with the server.  ``--resume`` makes each client offer its previous
-TLS session (tickets): Postfix shares ticket keys across smtpd processes through
-tlsmgr; a ``smapq serve`` worker issues tickets that it alone can redeem.
+so the load is bench/tls_source.c (built with gcc at run time by bench/tls_load.py; a
+thread and OpenSSL per session, the same shape: S sessions, a new connection per
+message, 2 KB bodies, EHLO -> STARTTLS -> EHLO -> MAIL -> RCPT -> DATA -> QUIT, every
+reply code checked).  bench/tls_source.py, which costs 3-5 ms of CPU per message, runs
+only when gcc is missing, and the header says which generator ran.  One self-signed EC
+P-256 certificate and key serve every target.  Targets: ``serve`` and ``inetd`` with
+``smap: tlscert/tlskey``, ``postfix`` with smtpd_tls_cert_file/key_file (security
+level may, TLS 1.2+, tlsmgr, its default session tickets: one per TLS 1.3 handshake,
+counted by the generator and shown per target), and ``serve-plain``/``postfix-plain``:
+the same client without STARTTLS, so that (CPU/msg with TLS - CPU/msg without) / CPU/msg
+with TLS is the handshake's share of the server's CPU per message.  The generator's own
+CPU per message is reported: its ceiling is about 2 cores / that, since it shares the
+machine's 2 cores with the server; per cell it also prints how long a message waited
+for each reply (``waits``; ``dot`` is the commit).  ``--resume`` makes each client offer
+its previous TLS session (tickets): Postfix shares ticket keys across smtpd processes
+through tlsmgr; a ``smapq serve`` worker issues tickets that it alone can redeem.
+``--load tls_source`` without ``--tls`` runs the plain rows with the C generator in
+place of smtp-source (a cross-check of the two generators).
 
 Run as root with the venv's python by absolute path, from a non-editable install
 (scripts/venv).  Installs Debian's postfix when smtp-source is missing (never starts or
@@ -68,16 +74,17 @@ from benchrig import (
     ServeServer,
     Spool,
     add_rig_options,
+    make_certs,
     make_spool,
     serve_available,
     tree_cpu,
 )
 from postfix_private import SMTP_SOURCE, PrivatePostfix, SmtpSink, install, version
+from tls_load import Generator
 
 TARGETS = ("serve", "postfix", "inetd", "sink", "serve-plain", "postfix-plain")
 TLS_TARGETS = ("serve", "postfix", "serve-plain", "postfix-plain")
 PLAIN_TARGETS = ("serve-plain", "postfix-plain")
-TLS_SOURCE = Path(__file__).resolve().parent / "tls_source.py"
 LABELS = {
     "serve-plain": "smapq serve, no TLS (same client)",
     "postfix-plain": "Postfix {v} smtpd, no TLS (same client)",
@@ -123,37 +130,6 @@ def spool_check(spool: Spool) -> Callable[[int], str | None]:
     return check
 
 
-def make_certs(directory: Path) -> tuple[Path, Path]:
-    """One self-signed EC P-256 certificate and key for every TLS target."""
-    directory.mkdir(parents=True, exist_ok=True)
-    cert, key = directory / "cert.pem", directory / "key.pem"
-    subprocess.run(
-        [
-            "openssl",
-            "req",
-            "-x509",
-            "-newkey",
-            "ec",
-            "-pkeyopt",
-            "ec_paramgen_curve:P-256",
-            "-nodes",
-            "-days",
-            "2",
-            "-subj",
-            "/CN=bench.smapq.invalid",
-            "-keyout",
-            str(key),
-            "-out",
-            str(cert),
-        ],
-        check=True,
-        capture_output=True,
-    )
-    key.chmod(0o600)
-    cert.chmod(0o644)
-    return cert, key
-
-
 def start(name: str, workdir: Path, args: argparse.Namespace) -> Running:
     extra = "\n".join(args.table_extra)
     tls = args.tls and name not in PLAIN_TARGETS
@@ -192,35 +168,26 @@ def smtp_source(port: int, sessions: int, messages: int, size: int) -> float:
     return wall
 
 
-def tls_source(
-    port: int, sessions: int, messages: int, size: int, tls: bool, resume: bool
-) -> tuple[float, float, int]:
-    """Run bench/tls_source.py: (wall seconds, client CPU seconds, resumed sessions)."""
-    argv = [sys.executable, str(TLS_SOURCE), "-s", str(sessions), "-m", str(messages)]
-    argv += ["-l", str(size), *([] if tls else ["--plain"]), *(["--resume"] if resume else [])]
-    argv.append(f"127.0.0.1:{port}")
-    try:
-        done = subprocess.run(argv, capture_output=True, text=True, timeout=600, check=False)
-    except subprocess.TimeoutExpired:
-        raise RigError(f"tls_source did not finish in 600 s: {' '.join(argv)}") from None
-    if done.returncode != 0:
-        why = (done.stderr.strip().splitlines() or ["no message"])[-1]
-        raise RigError(f"tls_source exited {done.returncode}: {why}")
-    _, wall, cpu, resumed = done.stdout.split()
-    return float(wall), float(cpu), int(resumed)
-
-
 class Cell:
     """One measurement: target x sessions in one round."""
 
     def __init__(
-        self, rate: float, cpu_ms: float, messages: int, client_ms: float = 0.0, resumed: int = 0
+        self,
+        rate: float,
+        cpu_ms: float,
+        messages: int,
+        client_ms: float = 0.0,
+        resumed: int = 0,
+        tickets: int = -1,
+        tls: str = "",
     ) -> None:
         self.rate = rate
         self.cpu_ms = cpu_ms
         self.messages = messages
         self.client_ms = client_ms  # the load generator's CPU per message (TLS rows)
         self.resumed = resumed
+        self.tickets = tickets  # session tickets the server sent (-1: not counted)
+        self.tls = tls  # "TLSv1.3 TLS_AES_256_GCM_SHA384" as negotiated
 
 
 def measure(
@@ -228,12 +195,15 @@ def measure(
 ) -> Cell:
     server = run.server
     cpu0 = tree_cpu(server.pid)
-    client = resumed = 0.0
-    if args.tls:
-        wall, client, r = tls_source(server.port, sessions, messages, size, run.tls, args.resume)
-        resumed = r
-    else:
+    client, resumed, tickets, tls = 0.0, 0, -1, ""
+    if args.load == "smtp-source":
         wall = smtp_source(server.port, sessions, messages, size)
+    else:
+        load = args.generator.run(server.port, sessions, messages, size, run.tls, args.resume)
+        wall, client, resumed, tickets = load.wall, load.cpu, load.resumed, load.tickets
+        tls = f"{load.version} {load.cipher}" if run.tls else ""
+        if load.waits:
+            print(f"  waits (ms/msg): {load.waits}", file=sys.stderr, flush=True)
     server.idle()
     cpu1 = tree_cpu(server.pid)
     run.sent += messages
@@ -241,7 +211,8 @@ def measure(
     if problem:
         raise RigError(f"LOST OR EXTRA MAIL: {problem}")
     cpu_ms = (cpu1 - cpu0) * 1000 / messages
-    return Cell(messages / wall, cpu_ms, messages, client * 1000 / messages, int(resumed))
+    client_ms = client * 1000 / messages
+    return Cell(messages / wall, cpu_ms, messages, client_ms, resumed, tickets, tls)
 
 
 def message_count(args: argparse.Namespace, rate: float, sessions: int) -> int:
@@ -373,8 +344,9 @@ def report(
         f"load average {args.load_before:.1f} when it started.",
         "",
     ]
-    if args.tls:
-        lines[1] = lines[1].replace("smtp-source", "bench/tls_source.py (STARTTLS)", 1)
+    if args.load != "smtp-source":
+        with_tls = " with STARTTLS" if args.tls else " without TLS"
+        lines[1] = lines[1].replace("smtp-source", args.generator.name + with_tls, 1)
         if args.resume:
             lines[1] += " Clients offer their previous TLS session (--resume)."
     ratio_note = " (ratio to Postfix, same round)" if "postfix" in names else ""
@@ -382,7 +354,7 @@ def report(
         ratio_note = " (ratio to Postfix with TLS; -plain rows to Postfix without)"
     lines += table(args, names, rate, f"messages/s{ratio_note}")
     lines += ["", *table(args, [n for n in names if n != "sink"], cpu, "server CPU ms/message")]
-    if args.tls:
+    if args.load != "smtp-source":
         lines += ["", *tls_tables(args, names, results)]
     if args.skipped:
         lines += ["", "Not measured: " + "; ".join(args.skipped) + "."]
@@ -404,6 +376,20 @@ def tls_tables(
         return text
 
     out = table(args, names, client, "load generator CPU ms/message")
+    if not args.tls:
+        return out
+
+    def tickets(name: str, s: int) -> str:
+        cells = results[name, s]
+        if name in PLAIN_TARGETS or min(c.tickets for c in cells) < 0:
+            return "-"
+        per = sum(c.tickets for c in cells) / max(1, sum(c.messages for c in cells))
+        return f"{per:.2f}"
+
+    out += ["", *table(args, names, tickets, "session tickets sent per connection")]
+    negotiated = sorted({c.tls for cells in results.values() for c in cells if c.tls})
+    if negotiated:
+        out += ["", "Negotiated: " + "; ".join(negotiated) + "."]
 
     def share(name: str, s: int) -> str:
         plain = results.get((f"{name}-plain", s))
@@ -445,6 +431,11 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     ap.add_argument(
         "--resume", action="store_true", help="with --tls: clients resume TLS sessions"
     )
+    ap.add_argument(
+        "--load",
+        choices=("smtp-source", "tls_source", "tls_source.py"),
+        help="load generator (default: smtp-source; with --tls: tls_source, the C one)",
+    )
     args = ap.parse_args(argv)
     try:
         args.sessions = [int(s) for s in args.sessions.split(",") if s]
@@ -456,12 +447,16 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     unknown = set(args.only) - set(TARGETS)
     if unknown:
         ap.error(f"--only: unknown target(s) {', '.join(sorted(unknown))}")
+    if args.load is None:
+        args.load = "tls_source" if args.tls else "smtp-source"
+    if args.tls and args.load == "smtp-source":
+        ap.error("--tls: smtp-source has no TLS; use --load tls_source")
     if args.rounds < 1 or not args.sessions or min(args.sessions) < 1 or args.messages < 0:
         ap.error("--rounds, --sessions and --messages must be positive")
     return args
 
 
-def prepare(args: argparse.Namespace) -> list[str]:
+def prepare(args: argparse.Namespace, work: Path) -> list[str]:
     """The targets to run; installs postfix if needed; RigError if one cannot run."""
     if os.geteuid() != 0:
         raise RigError("run as root: Postfix's master and smap's jail need it")
@@ -477,7 +472,10 @@ def prepare(args: argparse.Namespace) -> list[str]:
     if args.tls and "sink" in names:
         raise RigError("smtp-sink has no TLS: leave 'sink' out of --only with --tls")
     if args.tls:
-        args.certs = make_certs(Path(tempfile.mkdtemp(prefix="smapq-bench-tls-")))
+        args.certs = make_certs(work / "certs")
+    if args.load != "smtp-source":
+        args.generator = Generator(work / "generator", python_only=args.load == "tls_source.py")
+        print(f"load generator: {args.generator.name}", file=sys.stderr)
     if "serve" in names and not args.serve_command and not serve_available():
         if args.explicit:
             raise RigError("this install has no 'smapq serve' (is it merged and installed?)")
@@ -515,7 +513,7 @@ def main(argv: list[str] | None = None) -> int:
     work.chmod(0o755)
     digest = ""
     try:
-        names = prepare(args)
+        names = prepare(args, work)
         digest = etc_postfix_digest()
         print(run(args, names, work))
     except RigError as exc:

@@ -41,6 +41,8 @@ import threading
 import time
 from pathlib import Path
 
+from benchrig import make_certs
+
 BIN = Path(sys.executable).parent
 PYTHON = str(Path(sys.executable).absolute())
 INETD = "/usr/sbin/inetd"
@@ -61,32 +63,9 @@ def editable_install() -> bool:
     return any((site / "site-packages").glob("__editable__*smapq*"))
 
 
-def make_certs(root: Path) -> str:
+def tls_lines(root: Path) -> str:
     """Table lines for a self-signed EC P-256 certificate and key made under ``root``."""
-    cert, key = root / "cert.pem", root / "key.pem"
-    subprocess.run(
-        [
-            "openssl",
-            "req",
-            "-x509",
-            "-newkey",
-            "ec",
-            "-pkeyopt",
-            "ec_paramgen_curve:P-256",
-            "-nodes",
-            "-days",
-            "2",
-            "-subj",
-            "/CN=bench.smapq.invalid",
-            "-keyout",
-            str(key),
-            "-out",
-            str(cert),
-        ],
-        check=True,
-        capture_output=True,
-    )
-    key.chmod(0o600)
+    cert, key = make_certs(root)
     return f"smap: tlscert {cert}\nsmap: tlskey {key}\n"
 
 
@@ -312,7 +291,7 @@ def main() -> None:
         table = make_spool(work, "bench.smapq.invalid")
         smap = [str(BIN / "smap"), "-t", str(table)]
         smap_policy = [str(BIN / "smap"), "-t", str(policy_table(table))]
-        tls_table = make_spool(work / "tls", "bench.smapq.invalid", make_certs(work))
+        tls_table = make_spool(work / "tls", "bench.smapq.invalid", tls_lines(work))
         smap_tls = [str(BIN / "smap"), "-t", str(tls_table)]
         base = [PYTHON, "-I", "-S", "-c", "import sqlite3"]
         spawn_to_first_byte(smap, True)  # warm the page cache

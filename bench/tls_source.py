@@ -1,4 +1,8 @@
-"""A STARTTLS load generator: smtp-source's job, with TLS (smtp-source has none).
+"""A STARTTLS load generator in Python: the fallback of bench/tls_source.c.
+
+bench/intake.py --tls runs bench/tls_source.c (built with gcc, bench/tls_load.py);
+this one runs only where gcc or libssl's headers are missing, and the bench says so,
+since it costs 3-5 ms of CPU per message itself, more than the servers it measures.
 
     /path/venv/bin/python bench/tls_source.py -s SESSIONS -m MESSAGES [-l BYTES]
         [--plain] [--resume] 127.0.0.1:PORT

@@ -14,8 +14,11 @@ refused here falls back to plaintext on port 25 (RFC 3207 allows nothing else).
 
 Session tickets: the inetd receiver asks for none (``tickets=False``), since every
 connection is a new process with a new ticket key and a ticket could never be
-redeemed; ``smapq serve`` keeps OpenSSL's default (two TLS 1.3 tickets per
-handshake), redeemable while the same worker process lives.
+redeemed; ``smapq serve`` sends one TLS 1.3 ticket per full handshake, redeemable
+while the same worker process lives.  One, not OpenSSL's default two, as Postfix's
+smtpd does (tls_server.c: SSL_CTX_set_num_tickets(ctx, 1)): a mail client opens one
+connection at a time to a host and a resumed session gets a fresh ticket, so a
+second ticket only costs the server an encryption and the client a record.
 
 Standards: RFC 3207 (SMTP STARTTLS), RFC 8446 (TLS 1.3), RFC 5246 (TLS 1.2).
 
@@ -66,7 +69,7 @@ def server_context(smap: SmapSettings, tickets: bool = True) -> ssl.SSLContext:
     ctx.options &= ~ssl.OP_CIPHER_SERVER_PREFERENCE
     if not tickets:
         ctx.options |= ssl.OP_NO_TICKET
-        ctx.num_tickets = 0
+    ctx.num_tickets = 1 if tickets else 0
     for keyword, path in (("tlscert", cert), ("tlskey", key)):
         try:
             with open(path, "rb"):

@@ -93,6 +93,18 @@ class MemoryTls:
         self._obj.write(data)
         return self._outgoing.read()
 
+    def close_notify(self) -> bytes:
+        """The close_notify alert to send before closing (RFC 8446 6.1); b"" if the
+        TLS layer cannot make one any more."""
+        ssl = self._ssl
+        try:
+            self._obj.unwrap()
+        except ssl.SSLWantReadError:
+            pass  # ours is queued; the client's answer is not waited for
+        except (ssl.SSLError, ValueError, OSError):
+            return b""
+        return self._outgoing.read()
+
 
 def _reason(exc: Exception) -> str:
     reason = getattr(exc, "reason", None)

@@ -289,6 +289,18 @@ def test_tls_1_1_does_not_negotiate_and_1_2_does(tls_rig: Rig) -> None:
     assert any(d.startswith("TLSv1.2 ECDHE-ECDSA-") for d in details), details
 
 
+def test_session_tickets_one_from_serve_none_from_inetd(tls_rig: Rig, transport: str) -> None:
+    """serve sends one TLS 1.3 ticket per handshake, as Postfix's smtpd (not OpenSSL's
+    two); the inetd receiver none, since its ticket key dies with the process."""
+    done = s_client(tls_rig.server.port, "-tls1_3", "-msg", "-ign_eof")  # until 221
+    tls_rig.opened += 1
+    assert done.returncode == 0, done.stdout + done.stderr
+    assert "221 " in done.stdout  # it read everything the server sent
+    assert "TLS 1.3, Handshake" in done.stdout and "Finished" in done.stdout
+    tickets = [ln for ln in done.stdout.splitlines() if "<<< " in ln and "NewSessionTicket" in ln]
+    assert len(tickets) == (1 if transport == "serve" else 0), tickets
+
+
 def test_failed_or_abandoned_handshake_ends_the_session_and_stores_nothing(
     tls_rig: Rig,
 ) -> None:
