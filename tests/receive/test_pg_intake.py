@@ -367,6 +367,40 @@ def test_serve_writer_survives_a_server_restart_between_sessions(
     assert [r[0] for r in stored(private_url)] == [*first, *second]
 
 
+@root_only
+@pytest.mark.parametrize("kind", TRANSPORTS)
+def test_a_service_file_url_works_in_the_jail_and_reconnects_without_the_file(
+    rig_factory: Callable[..., Rig],
+    open_dir: Path,
+    private: PrivateServer,
+    private_url: str,
+    kind: str,
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """``?service=`` with host, port, database and user only in pg_service.conf (root's,
+    read before the jail): the jailed receiver takes mail, and after a server restart
+    reconnects from inside the jail, where the file is not, with what it pinned."""
+    dbname = private_url.rsplit("/", 1)[1]
+    services = open_dir / "pg_service.conf"
+    services.write_text(
+        f"[smapq]\nhost=127.0.0.1\nport={private.port}\ndbname={dbname}\nuser=postgres\n"
+    )
+    services.chmod(0o600)
+    monkeypatch.setenv("PGSERVICEFILE", str(services))  # inherited by serve and inetd
+    spool = pg_spool(open_dir / "pg", private_url)
+    spool.table.write_text(
+        spool.table.read_text().replace(private_url, "postgresql+psycopg://?service=smapq")
+    )
+    rig = rig_factory(kind=kind, spool=spool)
+    c = rig.client()
+    assert c.cmd(b"EHLO client.example").startswith(b"250-")
+    first = queue_id(send(c))
+    private.restart("fast")  # the receiver's connection is cut: it must connect again
+    again = queue_id(send_until_stored(c))
+    assert c.cmd(b"QUIT") == R.R221_BYE
+    assert [r[0] for r in stored(private_url)] == [first, again]
+
+
 def greeting(rig: Rig) -> bytes:
     """The first reply of a new connection; a session that was let in is ended."""
     c = rig.client(banner=False)
