@@ -7,7 +7,9 @@ runs can reach another of its uid), chroot into the spool, setgroups([]), drop t
 smap's uid/gid and verify (smapq.receive.jail, the same code) -- then opens the queue
 inside the jail and serves the listening sockets it inherited with an event loop:
 many sessions, one writer process (smapq.serve.writer).  A PostgreSQL queue is the
-writer's: it is forked before the jail, connects, then jails itself.
+writer's: it is forked before the jail, connects, then jails itself; while it cannot
+connect, new sessions get 421 4.3.0 at the banner and the worker stays (the writer
+keeps trying; the mail flows again as soon as it is connected).
 
 Limits: at the door, ``maxsessions`` / ``maxperclient`` / ``clientrate`` (counted for
 the whole server in smapq.serve.anvil; loopback clients skip the per-client ones
@@ -47,7 +49,7 @@ from smapq.receive import jail
 from smapq.receive.logsink import LogSink, crash_report, sink_or_none
 from smapq.serve import anvil as A
 from smapq.serve.connection import LINGER, Connection
-from smapq.serve.writer import ProcessCommitter, sqlite_opener
+from smapq.serve.writer import RETRY_OPEN, ProcessCommitter, sqlite_opener
 from smapq.smtp import replies as R
 from smapq.store import intake_open
 from smapq.store.intake_sqlite import free_space
@@ -114,6 +116,8 @@ class Worker:
         smap = self.smap
         if self.stopping_at:
             return R.R421_SHUTDOWN % self.hostname, "server shutting down"
+        if self.writer.down:  # back by itself: the writer keeps trying (writer.py)
+            return R.R421_UNAVAILABLE % self.hostname, self.writer.down
         exempt = smap.exemptloopback and addr.startswith(_LOOPBACK)
         if exempt or not (smap.maxperclient or smap.clientrate):
             conn.key = None
@@ -261,7 +265,11 @@ def run_worker(
         committer = None
         if smap.database_is_url:  # the writer connects before the jail (writer.py)
             committer = ProcessCommitter(
-                _server_opener(smap), lambda text: log(LOG_ERR, text), lambda: None
+                _server_opener(smap),
+                lambda text: log(LOG_ERR, text),
+                lambda: None,
+                retry=RETRY_OPEN,
+                on_back=lambda: log(LOG_INFO, "queue database reachable again"),
             )
             committer.fork(sockets)
         # As root, before the jail: the key file need not be readable inside it (and

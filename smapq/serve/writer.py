@@ -34,6 +34,15 @@ stops (the supervisor replaces it); if the worker dies, the writer sees end of f
 and exits without committing what it had not committed yet (those clients never got
 250; the messages are theirs to send again).
 
+A database server that cannot be reached when the writer starts does not end the
+worker (a replaced worker would find it down just the same, and meanwhile clients
+would sit in the listen backlog unanswered): the writer says ``down`` and tries again
+every ``RETRY_OPEN`` seconds, and the worker answers new sessions 421 4.3.0 at the
+banner (a message already handed over gets 451 4.3.0) until the writer says ``up``.
+Submissions wait in the worker until then: the writer reads no frame before it is
+connected and jailed (it is still root; it only watches for the worker's end of
+file), and takes only what the worker sends after ``up``.
+
 Diagnostics: the writer's own failures go to the worker's log as ``fwtksyserr:``.
 """
 
@@ -45,6 +54,7 @@ import os
 import select
 import socket
 import struct
+import time
 from typing import TYPE_CHECKING, Any, Protocol
 
 from smapq.intake.port import StoreError, Submission
@@ -59,6 +69,9 @@ if TYPE_CHECKING:
 _LEN = struct.Struct("!I")
 _READ = 1 << 20
 _STOP = -1  # token of the frame that asks the writer to finish and exit
+_DOWN = -2  # writer -> worker: the database cannot be reached (reason, reply)
+_UP = -3  # writer -> worker: connected (and jailed); send submissions
+RETRY_OPEN = 1.0  # seconds between a retrying writer's attempts to open its store
 # Messages after which the writer checkpoints even when it is never idle (about 10 MB
 # of WAL for 2 KB mail: the WAL file keeps its largest size for reuse), and the pause
 # after which whatever was committed since the last checkpoint is checkpointed.
@@ -129,13 +142,64 @@ def sqlite_opener(path: str) -> Callable[[], tuple[IntakeStore, Checkpointer | N
     return open_store
 
 
+def _wait_for_end(sock: socket.socket, seconds: float) -> bool:
+    """Sleep ``seconds`` unless the worker goes away first (then False).  Bytes that
+    arrive meanwhile are dropped unread: nothing is sent before ``up``, and this
+    process must not load frames before it is jailed."""
+    deadline = time.monotonic() + seconds
+    while True:
+        left = deadline - time.monotonic()
+        if left <= 0:
+            return True
+        if select.select([sock], [], [], left)[0] and not sock.recv(_READ):
+            return False
+
+
+def _open_retrying(
+    sock: socket.socket,
+    open_store: Callable[[], tuple[IntakeStore, Checkpointer | None]],
+    retry: float,
+) -> tuple[IntakeStore, Checkpointer | None] | None:
+    """Open the store, trying again every ``retry`` seconds while it is unreachable;
+    None when the worker went away first (see "Failure" in the docstring)."""
+    said = ""
+    while True:
+        try:
+            opened = open_store()
+        except StoreError as exc:
+            try:
+                if exc.reason != said:  # once per reason: the worker logs each one
+                    said = exc.reason
+                    sock.sendall(_frame([(_DOWN, exc.reason, exc.reply, None)]))
+                if _wait_for_end(sock, retry):
+                    continue
+            except (BrokenPipeError, ConnectionResetError):
+                pass
+            return None  # the worker is gone: nobody waits for this store
+        try:
+            sock.sendall(_frame([(_UP, None, None, None)]))
+        except (BrokenPipeError, ConnectionResetError):
+            opened[0].close()
+            return None
+        return opened
+
+
 def run_writer(
-    sock: socket.socket, open_store: Callable[[], tuple[IntakeStore, Checkpointer | None]]
+    sock: socket.socket,
+    open_store: Callable[[], tuple[IntakeStore, Checkpointer | None]],
+    retry: float | None = None,
 ) -> int:
     """The writer's life (in the forked child); its exit code.  ``open_store`` returns
-    the store, jailed by then (a server database connects first, then jails)."""
+    the store, jailed by then (a server database connects first, then jails);
+    ``retry``: keep trying to open it at this interval while it says StoreError."""
     try:
-        store, checkpointer = open_store()
+        if retry is None:
+            store, checkpointer = open_store()
+        else:
+            opened = _open_retrying(sock, open_store, retry)
+            if opened is None:
+                return 0  # the worker stopped before the database came back
+            store, checkpointer = opened
     except Exception as exc:
         why = exc.reason if isinstance(exc, StoreError) else f"{type(exc).__name__}: {exc}"
         answer = exc.reply if isinstance(exc, StoreError) else R.R451_STORE_FAILED
@@ -217,10 +281,19 @@ class ProcessCommitter:
         open_store: Callable[[], tuple[IntakeStore, Checkpointer | None]],
         on_error: Callable[[str], None],
         on_lost: Callable[[], None],
+        retry: float | None = None,
+        on_back: Callable[[], None] = lambda: None,
     ) -> None:
+        """``retry``: the writer keeps trying to open an unreachable store (a server
+        database) at this interval instead of exiting; submissions are held until it
+        says ``up``, and ``down`` is set while it cannot (``on_back`` when it can)."""
         self.open_store = open_store
         self.on_error = on_error
         self.on_lost = on_lost
+        self.on_back = on_back
+        self.retry = retry
+        self.up = retry is None  # the writer takes submissions
+        self.down = ""  # why the writer cannot open its store ("" when it can)
         self.outstanding = 0
         self.pid = 0
         self._sock: socket.socket | None = None
@@ -245,7 +318,7 @@ class ProcessCommitter:
                 sock.close()
             code = 70
             try:
-                code = run_writer(child, self.open_store)
+                code = run_writer(child, self.open_store, self.retry)
             finally:
                 os._exit(code)
         child.close()
@@ -262,6 +335,9 @@ class ProcessCommitter:
         if self._broken or self._transport is None:
             waiter.committed(StoreError("the queue writer is gone", R.R451_STORE_FAILED))
             return
+        if self.down:
+            waiter.committed(StoreError(self.down, R.R451_STORE_FAILED))
+            return
         token = self._next
         self._next += 1
         self._waiting[token] = (sub, waiter)
@@ -269,7 +345,9 @@ class ProcessCommitter:
         self._queue((token, sub.message, list(sub.recipients), list(sub.events)))
 
     def log(self, sub: Submission) -> None:
-        if not self._broken and self._transport is not None:
+        # While the database is down, audit rows of sessions turned away are lost
+        # with it (as a writer's failed batch loses them).
+        if not self._broken and self._transport is not None and not self.down:
             self._queue((0, None, [], list(sub.events)))
 
     def _queue(self, item: tuple[object, ...]) -> None:
@@ -279,14 +357,41 @@ class ProcessCommitter:
             asyncio.get_running_loop().call_soon(self._flush)
 
     def _flush(self) -> None:
+        if not self.up:
+            return  # held until the writer says up (or answered 451 when it is down)
         items, self._pending = self._pending, []
         if items and self._transport is not None and not self._broken:
             self._transport.write(_frame(items))
+
+    def _went_down(self, reason: str) -> None:
+        """The writer cannot open its store: everything held is answered 451 now."""
+        self.up = False
+        self.down = reason or "queue database unavailable"
+        self.on_error(f"fwtksyserr: queue database unavailable: {reason}; answering 421")
+        held, self._pending = self._pending, []
+        for item in held:
+            token = item[0]
+            if isinstance(token, int) and token:
+                _, waiter = self._waiting.pop(token)
+                self.outstanding -= 1
+                waiter.committed(StoreError(self.down, R.R451_STORE_FAILED))
+
+    def _came_up(self) -> None:
+        was_down, self.down, self.up = self.down, "", True
+        if was_down:
+            self.on_back()
+        self._flush()
 
     def _outcomes(self, outcomes: list[tuple[int, str | None, bytes | None, str | None]]) -> None:
         for token, reason, reply, queue_id in outcomes:
             if token == 0:  # the writer could not start
                 self.on_error(f"fwtksyserr: queue writer: {reason}")
+                continue
+            if token == _DOWN:
+                self._went_down(reason or "")
+                continue
+            if token == _UP:
+                self._came_up()
                 continue
             sub, waiter = self._waiting.pop(token)
             self.outstanding -= 1
@@ -312,8 +417,11 @@ class ProcessCommitter:
         """Everything is answered: let the writer commit the last audit rows and exit."""
         self._stopping = True
         if self._transport is not None and not self._broken:
-            self._flush()
-            self._transport.write(_frame([(_STOP, None, [], [])]))
+            if self.up:
+                self._flush()
+                self._transport.write(_frame([(_STOP, None, [], [])]))
+            # else: a writer still trying to connect reads nothing; our end of file
+            # stops it (what is held was never sent, and its clients were answered).
             self._transport.close()  # after the frame is sent
             if self._pipe is not None:
                 await self._pipe.closed

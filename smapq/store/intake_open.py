@@ -14,9 +14,12 @@ Both transports open their store in two steps around the jail:
 
 ``check_server(smap)`` is ``smapq serve``'s start-up check: connect once and close.
 
-Security: with the jail on, a Unix-socket URL is refused (``host=/run/postgresql`` or
-no host at all): the socket is outside the chroot, so a reconnect after a server
-restart could never work.  Use ``host=127.0.0.1`` (or another address) instead.
+Security: with the jail on, a Unix-socket connection is refused (``host=/run/postgresql``,
+or no host in the URL, the service file or ``PGHOST``): the socket is outside the
+chroot, so a reconnect after a server restart could never work.  Use
+``host=127.0.0.1`` (or another address) instead.  The check reads the parameters the
+first connection pinned (smapq.store.intake_postgresql), so a host that only the
+service file names counts.
 
 Diagnostics: ``StoreError`` with a 421 reply and a one-line reason.
 

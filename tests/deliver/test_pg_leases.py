@@ -58,7 +58,8 @@ def test_mail_committed_during_a_claim_is_not_damage(engine: Engine, pg_url: str
     # claim transaction's next statement.
     @event.listens_for(engine, "after_cursor_execute")
     def race(_conn: Any, _cur: Any, stmt: str, *_: Any) -> None:
-        if armed[0] and stmt.lstrip().startswith("UPDATE messages") and "SKIP LOCKED" in stmt:
+        # The claim's statement: an UPDATE, or on PostgreSQL WITH claimed AS (UPDATE ...).
+        if armed[0] and "UPDATE messages" in stmt and "SKIP LOCKED" in stmt:
             armed[0] = False
             with other.begin() as c2:
                 queries.insert_message(c2, _message(time.time() - 60), ["r@x"])

@@ -13,6 +13,7 @@ from __future__ import annotations
 import itertools
 import os
 import re
+import signal
 import socket
 import subprocess
 import time
@@ -364,6 +365,84 @@ def test_serve_writer_survives_a_server_restart_between_sessions(
     assert c.cmd(b"QUIT") == R.R221_BYE
     assert rig.server.children(running=True) == workers  # no worker was replaced
     assert [r[0] for r in stored(private_url)] == [*first, *second]
+
+
+@root_only
+@pytest.mark.parametrize("kind", TRANSPORTS)
+def test_a_service_file_url_works_in_the_jail_and_reconnects_without_the_file(
+    rig_factory: Callable[..., Rig],
+    open_dir: Path,
+    private: PrivateServer,
+    private_url: str,
+    kind: str,
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """``?service=`` with host, port, database and user only in pg_service.conf (root's,
+    read before the jail): the jailed receiver takes mail, and after a server restart
+    reconnects from inside the jail, where the file is not, with what it pinned."""
+    dbname = private_url.rsplit("/", 1)[1]
+    services = open_dir / "pg_service.conf"
+    services.write_text(
+        f"[smapq]\nhost=127.0.0.1\nport={private.port}\ndbname={dbname}\nuser=postgres\n"
+    )
+    services.chmod(0o600)
+    monkeypatch.setenv("PGSERVICEFILE", str(services))  # inherited by serve and inetd
+    spool = pg_spool(open_dir / "pg", private_url)
+    spool.table.write_text(
+        spool.table.read_text().replace(private_url, "postgresql+psycopg://?service=smapq")
+    )
+    rig = rig_factory(kind=kind, spool=spool)
+    c = rig.client()
+    assert c.cmd(b"EHLO client.example").startswith(b"250-")
+    first = queue_id(send(c))
+    private.restart("fast")  # the receiver's connection is cut: it must connect again
+    again = queue_id(send_until_stored(c))
+    assert c.cmd(b"QUIT") == R.R221_BYE
+    assert [r[0] for r in stored(private_url)] == [first, again]
+
+
+def greeting(rig: Rig) -> bytes:
+    """The first reply of a new connection; a session that was let in is ended."""
+    c = rig.client(banner=False)
+    reply = c.reply()
+    if reply.startswith(b"220 "):
+        assert c.cmd(b"QUIT").startswith(b"221 ")
+    assert c.eof()
+    c.close()
+    return reply
+
+
+def test_serve_turns_clients_away_while_its_server_is_down_and_recovers(
+    rig_factory: Callable[..., Rig], open_dir: Path, private: PrivateServer, private_url: str
+) -> None:
+    """Workers that start while the server is down (a reload here; a replaced worker
+    alike) stay up and answer every new client 421 4.3.0 at once -- instead of exiting
+    to be replaced, again and again, while clients sit unanswered in the listen
+    backlog -- and take mail again by themselves once the server is back."""
+    rig = rig_factory(kind="serve", spool=pg_spool(open_dir / "pg", private_url))
+    first = session(rig)
+    old = set(rig.server.children(running=True))
+    private.stop("fast")
+    assert rig.server.proc is not None
+    rig.server.proc.send_signal(signal.SIGHUP)  # a new generation of workers
+
+    def replaced() -> bool:
+        now = set(rig.server.children(running=True))
+        return bool(now) and not now & old
+
+    wait_until(replaced, 120, "the reload did not replace the workers")
+    workers = rig.server.children(running=True)
+    # The first client may come while the new writer is still trying its first connect.
+    wait_until(lambda: greeting(rig).startswith(b"421 "), 120, "no 421 while the server is down")
+    for _ in range(3):
+        reply = greeting(rig)
+        assert reply.startswith(b"421 4.3.0 "), reply
+    assert rig.server.children(running=True) == workers  # no worker was replaced
+    private.start()
+    wait_until(lambda: greeting(rig).startswith(b"220 "), 120, "serve did not recover")
+    later = session(rig)
+    assert rig.server.children(running=True) == workers
+    assert [r[0] for r in stored(private_url)] == [*first, *later]
 
 
 JAILED_RECONNECT = """

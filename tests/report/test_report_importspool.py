@@ -11,13 +11,16 @@ from pathlib import Path
 import pytest
 
 from smapq.report import importspool
-from tests.conftest import program
+from tests.conftest import Spool, program, write_table
+from tests.deliver.kit import Queue, StandIn, standin, stop, wait_for
 from tests.report.conftest import Filled, on_a_terminal
 
 RECEIVED = (
     b"Received: from mail.example.net(192.0.2.44) by fw.example.com via smap (V2.1)\n"
     b"\tid smaA01234; Tue Nov  1 12:00:00 1994\n"
 )
+__all__ = ["standin"]
+
 BODY = b"Subject: old mail\nFrom: a@example.net\n\nline one\n.\n..dots\nlast\n"
 
 
@@ -205,6 +208,33 @@ def test_progress_on_a_terminal_only(filled: Filled, tmp_path: Path) -> None:
         "malformed 0)"
     ]
     assert filled.scalar("SELECT count(*) FROM messages WHERE queue_id NOT LIKE 'M%'") == 300
+
+
+def test_imported_mail_wakes_a_waiting_deliverer(
+    spool: Spool, tmp_path: Path, standin: StandIn
+) -> None:
+    """The import's commit is news to a deliverer that only waits for news (wakeup
+    3600): NOTIFY on PostgreSQL, SQLite's data_version; it sends the old spool's bytes."""
+    # The ``spool`` fixture, not make_queue: it names the backend explicitly.
+    table = spool.table.read_text() + f"smapd: sendmail {standin.path}\nsmapd: wakeup 3600\n"
+    write_table(spool.table, table)
+    q = Queue(spool, str(standin.path))
+    daemon = q.start_daemon()
+    try:
+        first = q.add(["first@x.example"])  # delivered: the daemon is up and waiting
+        wait_for(lambda: q.row(first).state == "delivered", what="the first delivery")
+        old = tmp_path / "smap"
+        old.mkdir()
+        spool_file(old, "smaD00001")
+        result = spool.smapq("import-spool", str(old))
+        assert "imported 1," in result.stderr
+        wait_for(lambda: len(standin.calls()) == 2, what="the imported message's delivery")
+    finally:
+        code, err = stop(daemon)
+    assert code == 0, err
+    call = standin.calls()[1]
+    assert call.recipients == ["y@example.com", "z@example.com"]
+    assert call.stdin == RECEIVED + BODY
 
 
 def test_one_import_per_spool_at_a_time(filled: Filled, tmp_path: Path) -> None:

@@ -26,6 +26,9 @@ class Dialect:
     stable_writes = True
     # percentile_disc() WITHIN GROUP (ORDER BY ...): exact percentiles on the server.
     ordered_set_aggregates = False
+    # WITH x AS (UPDATE ... RETURNING ...) INSERT ...: one statement (one round trip)
+    # writes a row and its event; SQLite runs the two statements.
+    writing_ctes = False
 
     def make_engine(self, database: str, readonly: bool, busy_ms: int, create: bool) -> Engine:
         """An engine for ``database`` (a path or URL), writers or read-only."""

@@ -80,6 +80,7 @@ class PostgresDialect(Dialect):
     name = "postgresql"
     stable_writes = False
     ordered_set_aggregates = True
+    writing_ctes = True
 
     def make_engine(self, database: str, readonly: bool, busy_ms: int, create: bool) -> Engine:
         # busy_ms and create mean nothing here: rows, not the database, are locked,
