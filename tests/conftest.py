@@ -66,6 +66,15 @@ from typing import Any
 import pytest
 from sqlalchemy import Connection, Engine, event, text
 
+# pytest imports this file as 'conftest' (tests/ is not a package) while the kits and
+# test modules import 'tests.conftest': without one module under both names they got a
+# second copy whose _running was always empty, so their make_spool made SQLite spools
+# in tests that pytest ran (and named) on PostgreSQL.
+if __name__ == "conftest":
+    sys.modules.setdefault("tests.conftest", sys.modules[__name__])
+elif __name__ == "tests.conftest":
+    sys.modules.setdefault("conftest", sys.modules[__name__])
+
 BIN = Path(sys.executable).parent
 BACKENDS = ("sqlite", "postgresql")
 
