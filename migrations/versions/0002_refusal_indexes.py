@@ -10,9 +10,16 @@ refusal of the session's own sender?" from two small indexes: on PostgreSQL the 
 questions read every heap page of ``events`` (the rejects are spread through it) and
 probed a session's rows one by one (0.5-0.7 s each at 1M messages, 72,000 rejects).
 
+``ix_events_mail`` ends in ``kind`` (constant in it) for SQLite's planner: without it,
+and without ANALYZE statistics, SQLite probed ``ix_events_kind_at`` -- every MAIL
+event -- once per reject.
+
 Cost per insert: a reject event adds one entry to ``ix_events_reject``; a MAIL event
-(one per transaction) one to ``ix_events_mail``; every other event only has the
-predicate checked. Both backends support partial indexes (SQLite since 3.8.0).
+(one per transaction) one to ``ix_events_mail`` -- about one more index entry per
+message on top of the ~60 its rows already make (10 for the message, 3 per recipient,
+6 per event); every other event only has the predicate checked. At the bench's 1M messages (72,000 rejects) they take 6 MB and
+71 MB on PostgreSQL, and built in ~5 s. Both backends have partial indexes (SQLite
+since 3.8.0).
 """
 
 from __future__ import annotations

@@ -371,11 +371,15 @@ def report_latency_periods(
     if first is None:
         return []
     # Period starts are whole seconds; BigInteger, as epoch seconds outgrow int4 in 2038.
-    starts = func.generate_series(
-        literal(int(first // step) * step, BigInteger),
-        literal(int(last // step) * step, BigInteger),
-        literal(step, BigInteger),
-    ).table_valued("start").render_derived(name="starts")
+    starts = (
+        func.generate_series(
+            literal(int(first // step) * step, BigInteger),
+            literal(int(last // step) * step, BigInteger),
+            literal(step, BigInteger),
+        )
+        .table_valued("start")
+        .render_derived(name="starts")
+    )
     start = starts.c.start
     seconds = m.delivered_at - m.received_at
     period = (
