@@ -40,7 +40,7 @@ def test_init_creates_spool_baddir_and_database_then_is_idempotent(
         assert stat.S_IMODE(spool.db.stat().st_mode) == 0o600
     again = spool.smapq("init")
     assert "nothing to change" in again.stdout
-    assert spool.smapq("db", "current").stdout.strip() == "0001"
+    assert spool.smapq("db", "current").stdout.strip() == "0002"
     assert "is current" in spool.smapq("db", "check").stdout
 
 

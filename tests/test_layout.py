@@ -122,7 +122,7 @@ def test_migrations_are_found_outside_the_source_tree(tmp_path: Path) -> None:
         check=False,
     )
     assert proc.returncode == 0, proc.stderr
-    assert "created database at schema 0001" in proc.stdout
+    assert "created database at schema 0002" in proc.stdout
 
 
 # --- the import contract: which package may import which ---------------------------

@@ -24,6 +24,7 @@ from sqlalchemy import (
     String,
     Table,
     Text,
+    text,
 )
 
 from smapq.store import states
@@ -123,3 +124,24 @@ Index("ix_events_kind_at", events.c.kind, events.c.at)
 Index("ix_events_queue_id", events.c.queue_id)
 Index("ix_events_kind_client", events.c.kind, events.c.client_addr, events.c.at, events.c.code)
 Index("ix_events_session_id", events.c.session_id)
+# Partial (migration 0002): the refusal counts of the senders and recipients reports.
+# A query names the kind as a literal so that a planner may use them; the constant
+# ``kind`` at the end of ix_events_mail is what makes SQLite's planner pick it.
+_REJECT = text("kind = 'reject'")
+_MAIL = text("kind = 'mail'")
+Index(
+    "ix_events_reject",
+    events.c.address,
+    events.c.at,
+    events.c.session_id,
+    sqlite_where=_REJECT,
+    postgresql_where=_REJECT,
+)
+Index(
+    "ix_events_mail",
+    events.c.session_id,
+    events.c.address,
+    events.c.kind,
+    sqlite_where=_MAIL,
+    postgresql_where=_MAIL,
+)

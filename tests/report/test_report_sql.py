@@ -23,6 +23,11 @@ def test_select_streams_rows_as_json(filled: Filled) -> None:
     }
 
 
+def test_a_percent_sign_is_the_operators_not_a_placeholder(filled: Filled) -> None:
+    like = "SELECT count(*) AS n FROM messages WHERE mail_from LIKE '%@a.example'"
+    assert filled.json("report", "sql", like)["rows"] == [{"n": 3}]
+
+
 def test_limit_and_table(filled: Filled) -> None:
     out = filled.smapq(
         "report", "sql", "SELECT queue_id FROM messages ORDER BY id", "--limit", "3"
@@ -46,6 +51,9 @@ def test_introspection_pragmas_are_allowed(filled: Filled) -> None:
         "DROP TABLE events",
         "CREATE TABLE x (a)",
         "CREATE TEMP TABLE x (a)",
+        "CREATE TABLE x (a int)",
+        "CREATE TEMP TABLE x (a int)",
+        "TRUNCATE events",
         "PRAGMA query_only = 0",
         "PRAGMA journal_mode = DELETE",
         "ATTACH DATABASE '/tmp/smapq-sql-test.db' AS other",
@@ -53,6 +61,7 @@ def test_introspection_pragmas_are_allowed(filled: Filled) -> None:
         "REPLACE INTO messages (id) VALUES (1)",
         # Hidden behind a CTE and in lower case: no keyword filter would catch all of these.
         "with x as (select 1) delete from recipients",
+        "with x as (delete from recipients returning 1) select * from x",
         "SELECT 1; DELETE FROM messages",
         "DELETE FROM messages RETURNING id",
         "PRAGMA user_version = 7",

@@ -191,7 +191,7 @@ def test_copy_moves_every_row_and_column(source: Spool, pg_url: str) -> None:
     done = copy(source, pg_url)
     after = time.time()
     assert done.returncode == 0, done.stderr
-    assert "schema 0001 made in the target" in done.stdout
+    assert "schema 0002 made in the target" in done.stdout
     assert counts_line(done.stdout, "messages") == [60, 60, 60]
     assert counts_line(done.stdout, "recipients") == [120, 120, 120]
     assert counts_line(done.stdout, "events") == [120, 120, 130]  # + 10 released leases

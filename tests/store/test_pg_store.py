@@ -163,16 +163,16 @@ def test_no_migration_is_missing_on_postgresql(engine: Engine) -> None:
 
 def test_init_and_the_db_verbs_on_postgresql(tmp_path: Path, pg_url: str) -> None:
     spool = make_spool(tmp_path, extra=f"smap, smapd: database {pg_url}\n", cli_init=True)
-    assert spool.smapq("db", "current").stdout.strip() == "0001"
+    assert spool.smapq("db", "current").stdout.strip() == "0002"
     assert "is current" in spool.smapq("db", "check").stdout
     again = spool.smapq("init")
     assert "nothing to change" in again.stdout
-    assert spool.smapq("db", "upgrade").stdout.strip() == "schema 0001"
+    assert spool.smapq("db", "upgrade").stdout.strip() == "schema 0002"
     assert spool.smapq("db", "downgrade", "base").stdout.strip() == "schema empty"
     assert spool.smapq("db", "current").stdout.strip() == "empty"
     failed = spool.smapq("db", "check", check=False)
     assert failed.returncode != 0 and "db upgrade" in failed.stderr
-    assert "schema empty -> 0001" in spool.smapq("db", "upgrade").stdout
+    assert "schema empty -> 0002" in spool.smapq("db", "upgrade").stdout
     assert "summary" in spool.smapq("report", "summary", "--format", "json").stdout
 
 
@@ -185,7 +185,7 @@ def test_init_names_the_server_not_a_file(tmp_path: Path, pg_url: str) -> None:
     proc = subprocess.run(
         [program("smapq"), "-t", str(table), "init"], capture_output=True, text=True, check=True
     )
-    assert f"{pg_url}: created schema 0001" in proc.stdout
+    assert f"{pg_url}: created schema 0002" in proc.stdout
     assert not list((tmp_path / "q").iterdir())  # no database file was made
 
 
@@ -230,7 +230,7 @@ def test_a_libpq_service_file_names_the_server(tmp_path: Path, pg_url: str) -> N
     proc = subprocess.run(
         [*run, "db", "current"], capture_output=True, text=True, check=True, env=env
     )
-    assert proc.stdout.strip() == "0001"
+    assert proc.stdout.strip() == "0002"
 
 
 def test_writers_commit_durably_when_the_server_default_is_off(pg_url: str) -> None:

@@ -85,6 +85,12 @@ class Dialect:
         """The rows of ``stmt`` as plain tuples, streamed (millions of rows)."""
         raise NotImplementedError
 
+    def index_grouping(self, conn: Connection) -> AbstractContextManager[None]:
+        """Around a GROUP BY over an index that delivers its many groups in order
+        (a ranking of ~10^5 keys over a million rows): group in that order, not by
+        hashing. Fetch the rows inside."""
+        raise NotImplementedError
+
 
 def chunks(cursor: Any, size: int = 10_000) -> Iterator[Sequence[Any]]:
     """A DBAPI cursor's rows, fetched ``size`` at a time, closed at the end."""

@@ -76,6 +76,17 @@ def _read_only_txn(conn: Connection) -> Iterator[None]:
     yield
 
 
+@contextmanager
+def _no_hash_aggregation(conn: Connection) -> Iterator[None]:
+    # With the reports' work_mem the planner takes a HashAggregate over a sequential
+    # scan for the cheaper plan; for 200,000 addresses over 1.3M recipient rows it is
+    # 3x slower than grouping the index-only scan in its order (0.9 s vs 0.3 s).
+    conn.exec_driver_sql("SET enable_hashagg = off")
+    yield
+    # Not in a finally: after an error the transaction's rollback undoes the SET.
+    conn.exec_driver_sql("RESET enable_hashagg")
+
+
 class PostgresDialect(Dialect):
     name = "postgresql"
     stable_writes = False
@@ -138,6 +149,9 @@ class PostgresDialect(Dialect):
 
     def stream(self, conn: Connection, stmt: Any) -> Iterable[Sequence[Any]]:
         return conn.execution_options(stream_results=True).execute(stmt)
+
+    def index_grouping(self, conn: Connection) -> AbstractContextManager[None]:
+        return _no_hash_aggregation(conn)
 
 
 POSTGRESQL = PostgresDialect()

@@ -30,7 +30,7 @@ import os
 import sqlite3
 import threading
 from collections.abc import Iterable, Iterator, Sequence
-from contextlib import AbstractContextManager, contextmanager
+from contextlib import AbstractContextManager, contextmanager, nullcontext
 from typing import Any
 
 from sqlalchemy import Connection, Engine, Integer, cast, create_engine, event
@@ -275,6 +275,10 @@ class SqliteDialect(Dialect):
 
     def table_scan(self, stmt: Any, table: Any) -> Any:
         return stmt.with_hint(table, "NOT INDEXED", "sqlite")
+
+    def index_grouping(self, conn: Connection) -> AbstractContextManager[None]:
+        """Nothing: SQLite groups by sorting, and by the index when one has the order."""
+        return nullcontext()
 
     def stream(self, conn: Connection, stmt: Any) -> Iterable[Sequence[Any]]:
         """From the driver cursor of this same connection: SQLAlchemy's row objects cost
