@@ -297,18 +297,27 @@ def test_daemon_sends_the_bounce_without_waiting_for_a_scan(
 
 def test_a_failing_notice_insert_leaves_neither(tmp_path: Path, standin: StandIn) -> None:
     q = make_queue(tmp_path, str(standin.path), BOUNCE + "smapd: wakeup 3600\n")
-    sql(
-        q,
-        "CREATE TRIGGER no_notice BEFORE INSERT ON messages WHEN NEW.mail_from = '' "
-        "BEGIN SELECT RAISE(ABORT, 'no notices today'); END",
-    )
+    if q.spool.database:
+        sql(
+            q,
+            "CREATE FUNCTION no_notice() RETURNS trigger LANGUAGE plpgsql AS"
+            " 'BEGIN RAISE EXCEPTION ''no notices today''; END'",
+            "CREATE TRIGGER no_notice BEFORE INSERT ON messages FOR EACH ROW"
+            " WHEN (NEW.mail_from = '') EXECUTE FUNCTION no_notice()",
+        )
+    else:
+        sql(
+            q,
+            "CREATE TRIGGER no_notice BEFORE INSERT ON messages WHEN NEW.mail_from = '' "
+            "BEGIN SELECT RAISE(ABORT, 'no notices today'); END",
+        )
     daemon = q.start_daemon()
     try:
         qid = q.add(["exit67@x.example"])
         wait_for(lambda: "no notices today" in peek_log(daemon), what="the insert failing")
         assert q.row(qid).state == "delivering"  # not bad without its bounce
         assert "bad" not in q.events(qid) and notices(q) == []
-        sql(q, "DROP TRIGGER no_notice")
+        sql(q, "DROP TRIGGER no_notice" + (" ON messages" if q.spool.database else ""))
         # The outcome waited in memory and is written with its bounce: both at once.
         wait_for(lambda: q.row(qid).state == "bad", what="the outcome written")
         assert len(notices(q)) == 1
