@@ -11,6 +11,7 @@ soon as there is room -- without a restart.
 
 from __future__ import annotations
 
+import errno
 import os
 import socket
 import subprocess
@@ -60,16 +61,20 @@ class FullSpool:
 
     def take(self, size: int | None = None) -> None:
         """Fill ``size`` bytes (all that is left when None) with the filler file."""
-        with open(self.filler, "ab") as fh:
-            try:
-                while size is None or size > 0:
-                    chunk = 65536 if size is None else min(65536, size)
-                    fh.write(b"\0" * chunk)
-                    fh.flush()
-                    if size is not None:
-                        size -= chunk
-            except OSError:
-                pass  # ENOSPC: full, as asked
+        # Unbuffered: a buffered file keeps what a short write left over and raises
+        # ENOSPC again when closed.
+        fd = os.open(self.filler, os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o644)
+        try:
+            while size is None or size > 0:
+                chunk = 65536 if size is None else min(65536, size)
+                written = os.write(fd, b"\0" * chunk)
+                if size is not None:
+                    size -= written
+        except OSError as exc:
+            if exc.errno != errno.ENOSPC:  # ENOSPC: full, as asked
+                raise
+        finally:
+            os.close(fd)
 
     def give_back(self) -> None:
         self.filler.unlink(missing_ok=True)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import errno
 import os
 import pwd
 import socket
@@ -193,13 +194,17 @@ def tiny_fs(open_dir: Path) -> Iterator[Path]:
 def _fill(fs: Path, leave: int) -> Path:
     """Fill ``fs`` with a file, then give back ``leave`` bytes."""
     filler = fs / "filler"
-    with filler.open("wb") as fh:
-        try:
-            while True:
-                fh.write(b"\0" * 65536)
-                fh.flush()
-        except OSError:
+    # Unbuffered: a buffered file keeps what a short write left over and raises ENOSPC
+    # again when closed, unless the free space happened to be a multiple of the chunk.
+    fd = os.open(filler, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o644)
+    try:
+        while os.write(fd, b"\0" * 65536):
             pass
+    except OSError as exc:
+        if exc.errno != errno.ENOSPC:
+            raise
+    finally:
+        os.close(fd)
     os.truncate(filler, filler.stat().st_size - leave)
     return filler
 
