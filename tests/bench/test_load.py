@@ -11,14 +11,13 @@ from __future__ import annotations
 import socket
 import subprocess
 import sys
-import threading
 import time
-from collections import Counter
 from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import pytest
 
+from tests.bench import scripted
 from tests.receive.superserver import installed
 
 BENCH = Path(__file__).resolve().parents[2] / "bench"
@@ -31,29 +30,12 @@ pytestmark = pytest.mark.integration
 ACCEPT, TEMPFAIL, BANNER_421, HANGUP = "accept", "tempfail", "banner421", "hangup"
 
 
-class ScriptedServer:
+class ScriptedServer(scripted.ScriptedServer):
     """Answers connection k with ``script(k)``; counts what it did."""
 
     def __init__(self, script: Callable[[int], str]) -> None:
-        self.script = script
-        self.did: Counter[str] = Counter()
         self.ids: list[str] = []
-        self.lock = threading.Lock()
-        self.sock = socket.create_server(("127.0.0.1", 0), backlog=128)
-        self.port = self.sock.getsockname()[1]
-        self.count = 0
-        threading.Thread(target=self._accept, daemon=True).start()
-
-    def _accept(self) -> None:
-        while True:
-            try:
-                conn, _ = self.sock.accept()
-            except OSError:
-                return
-            with self.lock:
-                k = self.count
-                self.count += 1
-            threading.Thread(target=self._serve, args=(conn, k), daemon=True).start()
+        super().__init__(script)
 
     def _serve(self, conn: socket.socket, k: int) -> None:
         what = self.script(k)
@@ -88,9 +70,6 @@ class ScriptedServer:
             self.did[what] += 1
             if what == ACCEPT:
                 self.ids.append(f"Q{k}")
-
-    def close(self) -> None:
-        self.sock.close()
 
 
 Scripted = Callable[[Callable[[int], str]], ScriptedServer]

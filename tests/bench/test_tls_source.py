@@ -14,13 +14,13 @@ import ssl
 import subprocess
 import sys
 import tempfile
-import threading
-from collections import Counter
 from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import BinaryIO
 
 import pytest
+
+from tests.bench.scripted import ScriptedServer
 
 BENCH = Path(__file__).resolve().parents[2] / "bench"
 sys.path.insert(0, str(BENCH))
@@ -33,29 +33,12 @@ pytestmark = pytest.mark.integration
 OK, TEMPFAIL, INJECT, NO_STARTTLS = "ok", "tempfail", "inject", "no-starttls"
 
 
-class ScriptedTlsServer:
+class ScriptedTlsServer(ScriptedServer):
     """Answers connection k as ``script(k)`` says; STARTTLS with ``ctx``; counts."""
 
     def __init__(self, ctx: ssl.SSLContext, script: Callable[[int], str]) -> None:
         self.ctx = ctx
-        self.script = script
-        self.did: Counter[str] = Counter()
-        self.lock = threading.Lock()
-        self.sock = socket.create_server(("127.0.0.1", 0), backlog=128)
-        self.port = self.sock.getsockname()[1]
-        self.count = 0
-        threading.Thread(target=self._accept, daemon=True).start()
-
-    def _accept(self) -> None:
-        while True:
-            try:
-                conn, _ = self.sock.accept()
-            except OSError:
-                return
-            with self.lock:
-                k = self.count
-                self.count += 1
-            threading.Thread(target=self._serve, args=(conn, k), daemon=True).start()
+        super().__init__(script)
 
     def _serve(self, conn: socket.socket, k: int) -> None:
         what = self.script(k)
@@ -109,9 +92,6 @@ class ScriptedTlsServer:
                 return
             else:
                 sock.sendall(b"500 5.5.2 what?\r\n")
-
-    def close(self) -> None:
-        self.sock.close()
 
 
 @pytest.fixture(scope="module")
