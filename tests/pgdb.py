@@ -32,7 +32,7 @@ from contextlib import contextmanager
 import psycopg
 from psycopg import sql
 
-from tests.spooldb import migrations_digest
+from tests.spooldb import migrations_digest, smapq_init
 
 ADMIN = os.environ.get("SMAPQ_TEST_PG", "postgresql://postgres@127.0.0.1:5432/postgres")
 _serial = itertools.count()
@@ -145,20 +145,7 @@ def fresh_database(migrated: bool = False) -> Iterator[str]:
 def create_schema(url: str) -> None:
     """The queue's tables on ``url`` (SQLAlchemy URL), made by the installed ``smapq
     init`` from a throw-away table, as an operator makes them."""
-    import subprocess
-    import sys
     import tempfile
-    from pathlib import Path
 
     with tempfile.TemporaryDirectory() as tmp:
-        table = Path(tmp) / "netperm-table"
-        table.write_text(f"smap, smapd: directory {tmp}/spool\nsmap, smapd: database {url}\n")
-        table.chmod(0o600)
-        done = subprocess.run(
-            [str(Path(sys.executable).parent / "smapq"), "-t", str(table), "init"],
-            capture_output=True,
-            text=True,
-            check=False,
-            timeout=120,
-        )
-    assert done.returncode == 0, done.stderr
+        smapq_init(tmp, f"smap, smapd: database {url}\n")

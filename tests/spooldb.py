@@ -37,22 +37,28 @@ def migrated_file() -> str:
     if digest not in _files:
         tmp = tempfile.mkdtemp(prefix=f"smapq-spooldb-{os.getpid()}-")
         atexit.register(shutil.rmtree, tmp, True)
-        table = Path(tmp) / "netperm-table"
-        table.write_text(f"smap, smapd: directory {tmp}/spool\nsmap: jail off\n")
-        table.chmod(0o600)
-        done = subprocess.run(
-            [str(Path(sys.executable).parent / "smapq"), "-t", str(table), "init"],
-            capture_output=True,
-            text=True,
-            check=False,
-            timeout=120,
-        )
-        assert done.returncode == 0, done.stderr
+        smapq_init(tmp, "smap: jail off\n")
         db = Path(tmp) / "spool" / "smapq.db"
         # Closed cleanly by init, so the file alone holds everything (no -wal to copy).
         assert not Path(f"{db}-wal").exists() or Path(f"{db}-wal").stat().st_size == 0
         _files[digest] = str(db)
     return _files[digest]
+
+
+def smapq_init(directory: str, lines: str) -> None:
+    """Run the installed ``smapq init`` on a throw-away table in ``directory``: its spool
+    is ``directory``/spool, ``lines`` say the rest."""
+    table = Path(directory) / "netperm-table"
+    table.write_text(f"smap, smapd: directory {directory}/spool\n{lines}")
+    table.chmod(0o600)
+    done = subprocess.run(
+        [str(Path(sys.executable).parent / "smapq"), "-t", str(table), "init"],
+        capture_output=True,
+        text=True,
+        check=False,
+        timeout=120,
+    )
+    assert done.returncode == 0, done.stderr
 
 
 def place_migrated_file(directory: str, path: str) -> None:
